@@ -1,0 +1,242 @@
+"""The typed, immutable policy model: what the YAML means, after validation.
+
+A :class:`Policy` is built only by :mod:`meshward.policy.loader` (or by tests) and never
+mutated; services receive a new object on every reload. Every named object keeps the
+:class:`Source` (file and line) it came from, so explanations and errors can point
+back at the YAML an operator wrote.
+
+``Policy.version`` is a content hash of the *meaning* of the policy (the canonical
+JSON of everything but source positions), so re-formatting a file or adding a comment
+does not produce a new version, while any semantic change does. The same version
+string is written into every xDS snapshot and into every route's ext_authz context,
+which is how a decision is tied to the exact policy that made it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+#: HTTP methods a route or permission may name.
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
+)
+
+#: JWS algorithms the v1 policy accepts for an issuer.
+JWT_ALGORITHMS = frozenset({"RS256", "ES256"})
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a policy object was defined: ``file:line`` (1-based line)."""
+
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+_NO_SOURCE = Source("<memory>", 0)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One upstream address of a service. ``address`` is an IP or a DNS name."""
+
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Service:
+    """An upstream service: a name and the endpoints that serve it."""
+
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    source: Source = field(default=_NO_SOURCE, compare=False)
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    """What a request must look like to take a route.
+
+    Exactly one of ``prefix`` and ``path`` is set. ``hosts`` empty means any host
+    (``*``); ``methods`` empty means any method.
+    """
+
+    prefix: str | None = None
+    path: str | None = None
+    hosts: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Route:
+    """A gateway route: a match and the service it forwards to.
+
+    ``name`` is unique across the whole policy; it is what Envoy reports back to
+    authz (through ``context_extensions``) and what decisions and spans name.
+    """
+
+    name: str
+    match: RouteMatch
+    service: str
+    source: Source = field(default=_NO_SOURCE, compare=False)
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """An Envoy listener. ``name`` is the Envoy node group (``node.cluster``)."""
+
+    name: str
+    port: int
+    routes: tuple[Route, ...]
+    address: str = "127.0.0.1"
+    source: Source = field(default=_NO_SOURCE, compare=False)
+
+
+@dataclass(frozen=True)
+class Issuer:
+    """A trusted JWT issuer.
+
+    ``jwks`` is the JWKS document itself (parsed JSON), read by the loader from
+    ``jwks_file``; services never touch the file system for keys, so a policy can be
+    shipped whole to authz replicas. ``subject_claim`` and ``groups_claim`` name the
+    claims that become the subject and groups of the identity.
+    """
+
+    name: str
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks: dict[str, Any] = field(compare=False, hash=False)
+    jwks_file: str = ""
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    subject_claim: str = "sub"
+    groups_claim: str = "groups"
+    source: Source = field(default=_NO_SOURCE, compare=False)
+
+
+@dataclass(frozen=True)
+class Permission:
+    """What a role allows: any of ``methods`` on any of ``paths``.
+
+    ``methods`` empty means any method. A path pattern is an exact path (``/orders``),
+    a prefix ending in ``*`` (``/orders/*`` matches ``/orders/`` and below), or ``*``
+    alone for any path. ``services`` empty means any service; otherwise the
+    permission applies only to requests routed to one of the named services.
+    """
+
+    methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ("*",)
+    services: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Role:
+    """A named set of permissions."""
+
+    name: str
+    permissions: tuple[Permission, ...]
+    source: Source = field(default=_NO_SOURCE, compare=False)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Grants ``role`` to JWT subjects (``sub``) and to members of groups."""
+
+    name: str
+    role: str
+    subjects: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    source: Source = field(default=_NO_SOURCE, compare=False)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A whole, validated policy. Build with :meth:`Policy.build` to get a version."""
+
+    services: tuple[Service, ...] = ()
+    gateways: tuple[Gateway, ...] = ()
+    issuers: tuple[Issuer, ...] = ()
+    roles: tuple[Role, ...] = ()
+    bindings: tuple[Binding, ...] = ()
+    #: Only ``deny`` in v1: no rule matched → the request is denied.
+    default_action: str = "deny"
+    version: str = ""
+    #: The files the policy was read from, for status pages and logs.
+    files: tuple[str, ...] = field(default=(), compare=False)
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        services: tuple[Service, ...] = (),
+        gateways: tuple[Gateway, ...] = (),
+        issuers: tuple[Issuer, ...] = (),
+        roles: tuple[Role, ...] = (),
+        bindings: tuple[Binding, ...] = (),
+        default_action: str = "deny",
+        files: tuple[str, ...] = (),
+    ) -> Policy:
+        """Create a policy and stamp it with its content-hash version."""
+        unversioned = cls(
+            services=services,
+            gateways=gateways,
+            issuers=issuers,
+            roles=roles,
+            bindings=bindings,
+            default_action=default_action,
+            files=files,
+        )
+        digest = hashlib.sha256(unversioned.canonical_json().encode()).hexdigest()
+        return cls(
+            services=services,
+            gateways=gateways,
+            issuers=issuers,
+            roles=roles,
+            bindings=bindings,
+            default_action=default_action,
+            version=digest[:12],
+            files=files,
+        )
+
+    def canonical_json(self) -> str:
+        """The policy's meaning as canonical JSON (no sources, no version)."""
+        return json.dumps(_plain(self), sort_keys=True, separators=(",", ":"))
+
+    # Lookups used by the translator and authz. Names are unique (the loader checks).
+    def service(self, name: str) -> Service:
+        for s in self.services:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def role(self, name: str) -> Role:
+        for r in self.roles:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def routes(self) -> tuple[Route, ...]:
+        return tuple(r for g in self.gateways for r in g.routes)
+
+
+_SKIPPED_FIELDS = frozenset({"source", "version", "files"})
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses → dicts (without sources/version), tuples → lists, recursively."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _plain(getattr(value, f.name))
+            for f in fields(value)
+            if f.name not in _SKIPPED_FIELDS
+        }
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
