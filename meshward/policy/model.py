@@ -224,7 +224,8 @@ class Policy:
         return tuple(r for g in self.gateways for r in g.routes)
 
 
-_SKIPPED_FIELDS = frozenset({"source", "version", "files"})
+#: Not part of the meaning: where things were written, and the version itself.
+_SKIPPED_FIELDS = frozenset({"source", "version", "files", "jwks_file"})
 
 
 def _plain(value: Any) -> Any:

@@ -1,0 +1,5 @@
+"""``python -m meshward`` is the ``meshward`` command."""
+
+from meshward.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,414 @@
+"""``meshward up``: the whole local mesh from one command, with real Envoy processes.
+
+It starts, each as its own supervised process: the xDS server, authz, one Envoy per
+gateway (bootstrap rendered from ``envoy/bootstrap.yaml``; everything else arrives over
+xDS) and a demo upstream for each service whose endpoints are on loopback. Infra ports
+(xDS, authz, status, Envoy admin) are picked free on 127.0.0.1; gateway and service
+ports come from the policy. Once every part reports ready it prints the gateway URLs
+and ready-to-paste ``curl`` commands with demo tokens, then one line per authz
+decision. Ctrl-C (or SIGTERM) stops every process it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshward.demo_keys import DEMO_ISSUER, DemoKey, ensure_demo_key
+from meshward.envoy_binary import EnvoyNotFoundError, find_envoy
+from meshward.policy.errors import PolicyError
+from meshward.policy.loader import load_policy
+from meshward.policy.model import Policy
+from meshward.supervisor import Child, Supervisor
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("up", help="run the local mesh: xDS server, authz, Envoy, demo services")
+    p.add_argument(
+        "--policy", type=Path, default=Path("policies"), help="policy directory (default: policies)"
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".meshward"),
+        help="demo key, rendered bootstraps and process logs (default: .meshward)",
+    )
+    p.add_argument(
+        "--bootstrap-template",
+        type=Path,
+        default=Path("envoy/bootstrap.yaml"),
+        help="Envoy bootstrap template (default: envoy/bootstrap.yaml)",
+    )
+    p.add_argument(
+        "--no-upstreams",
+        action="store_true",
+        help="do not start demo upstreams (you run the services yourself)",
+    )
+    p.add_argument("--authz-workers", type=int, default=4)
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for every part to become ready",
+    )
+    p.add_argument(
+        "--quiet-decisions", action="store_true", help="do not print a line per authz decision"
+    )
+    p.set_defaults(func=run)
+
+
+@dataclass(frozen=True)
+class Ports:
+    xds: int
+    xds_status: int
+    authz: int
+    authz_status: int
+    admin: dict[str, int]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(args: argparse.Namespace) -> int:
+    say = _Printer()
+    try:
+        envoy = find_envoy()
+    except EnvoyNotFoundError as exc:
+        say.error(str(exc))
+        return 2
+    demo_key = _demo_key(args)
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        for issue in exc.issues:
+            say.error(str(issue))
+        say.error(f"{args.policy}: the policy was not accepted; fix it and run `meshward up` again")
+        return 2
+    busy = _busy_policy_ports(policy, not args.no_upstreams)
+    if busy:
+        for msg in busy:
+            say.error(msg)
+        return 2
+    ports = Ports(
+        xds=free_port(),
+        xds_status=free_port(),
+        authz=free_port(),
+        authz_status=free_port(),
+        admin={g.name: free_port() for g in policy.gateways},
+    )
+    sup = Supervisor(on_line=_LineRouter(say, args.quiet_decisions), on_event=say.event)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        _start_all(sup, args, policy, ports, envoy)
+        if not _wait_ready(sup, policy, ports, args.ready_timeout, say):
+            say.error(
+                f"the mesh did not become ready in {args.ready_timeout:.0f}s; "
+                f"see the logs in {args.state_dir / 'logs'}"
+            )
+            return 1
+        say.banner(_banner(policy, ports, demo_key, args))
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        say.event("stopping every process meshward up started ...")
+        sup.stop()
+        say.event("stopped")
+    return 0
+
+
+def _demo_key(args: argparse.Namespace) -> DemoKey:
+    return ensure_demo_key(args.state_dir, args.policy / "keys" / "demo-jwks.json")
+
+
+def _busy_policy_ports(policy: Policy, upstreams: bool) -> list[str]:
+    """Policy-owned ports that something else already listens on."""
+    wanted = [(g.address, g.port, f"gateway '{g.name}'", g.source) for g in policy.gateways]
+    if upstreams:
+        wanted += [
+            (e.address, e.port, f"service '{s.name}'", s.source)
+            for s in policy.services
+            for e in s.endpoints
+            if _is_loopback(e.address)
+        ]
+    out = []
+    for address, port, what, source in wanted:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((address, port))
+            except OSError as exc:
+                out.append(
+                    f"{source}: {what} needs {address}:{port}, which is busy "
+                    f"({exc.strerror}); stop what uses it or change the port"
+                )
+    return out
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
+def _start_all(
+    sup: Supervisor, args: argparse.Namespace, policy: Policy, ports: Ports, envoy: str
+) -> None:
+    from xds_server.bootstrap import render_bootstrap
+
+    py = [sys.executable, "-m", "meshward"]
+    logs = args.state_dir / "logs"
+    policy_dir = str(args.policy)
+    if not args.no_upstreams:
+        for service in policy.services:
+            for i, ep in enumerate(e for e in service.endpoints if _is_loopback(e.address)):
+                sup.start(
+                    Child(
+                        f"upstream-{service.name}-{i}",
+                        [
+                            *py,
+                            "demo-upstream",
+                            "--name",
+                            service.name,
+                            "--listen",
+                            f"{ep.address}:{ep.port}",
+                        ],
+                        log_path=logs / f"upstream-{service.name}-{i}.log",
+                    )
+                )
+    sup.start(
+        Child(
+            "authz",
+            [
+                *py,
+                "authz",
+                "--policy",
+                policy_dir,
+                "--listen",
+                f"127.0.0.1:{ports.authz}",
+                "--status-listen",
+                f"127.0.0.1:{ports.authz_status}",
+                "--workers",
+                str(args.authz_workers),
+            ],
+            env={"OTEL_SERVICE_NAME": "meshward-authz"},
+            log_path=logs / "authz.log",
+        )
+    )
+    sup.start(
+        Child(
+            "xds",
+            [
+                *py,
+                "xds",
+                "--policy",
+                policy_dir,
+                "--listen",
+                f"127.0.0.1:{ports.xds}",
+                "--status-listen",
+                f"127.0.0.1:{ports.xds_status}",
+                "--authz",
+                f"127.0.0.1:{ports.authz}",
+            ],
+            env={"OTEL_SERVICE_NAME": "meshward-xds"},
+            log_path=logs / "xds.log",
+        )
+    )
+    boot_dir = args.state_dir / "bootstrap"
+    boot_dir.mkdir(parents=True, exist_ok=True)
+    for gw in policy.gateways:
+        path = boot_dir / f"{gw.name}.yaml"
+        path.write_text(
+            render_bootstrap(
+                node_id=f"{gw.name}-local",
+                node_cluster=gw.name,
+                admin_port=ports.admin[gw.name],
+                xds_host="127.0.0.1",
+                xds_port=ports.xds,
+                template=args.bootstrap_template,
+            )
+        )
+        sup.start(
+            Child(
+                f"envoy-{gw.name}",
+                [
+                    envoy,
+                    "-c",
+                    str(path),
+                    "--concurrency",
+                    "1",
+                    "--disable-hot-restart",
+                    "--log-level",
+                    "warn",
+                ],
+                log_path=logs / f"envoy-{gw.name}.log",
+            )
+        )
+
+
+def _http_ok(url: str, want: str | None = None) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - our loopback URL
+            body = resp.read().decode()
+            return resp.status == 200 and (want is None or want in body)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _wait_ready(
+    sup: Supervisor, policy: Policy, ports: Ports, timeout: float, say: _Printer
+) -> bool:
+    checks = {
+        "authz": f"http://127.0.0.1:{ports.authz_status}/healthz",
+        "xds": f"http://127.0.0.1:{ports.xds_status}/healthz",
+    }
+    for gw in policy.gateways:
+        checks[f"envoy-{gw.name}"] = f"http://127.0.0.1:{ports.admin[gw.name]}/ready"
+    pending = dict(checks)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for name, url in list(pending.items()):
+            if _http_ok(url, "LIVE" if name.startswith("envoy-") else None):
+                say.event(f"{name} is ready")
+                del pending[name]
+        if pending:
+            time.sleep(0.1)
+    if pending:
+        return False
+    # Envoy is LIVE once its listeners arrived over xDS; confirm each gateway accepts.
+    for gw in policy.gateways:
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((gw.address, gw.port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            return False
+    return True
+
+
+def _banner(policy: Policy, ports: Ports, key: DemoKey, args: argparse.Namespace) -> str:
+    lines = [f"meshward is up: policy {policy.version} from {args.policy}/", ""]
+    for gw in policy.gateways:
+        host = "127.0.0.1" if gw.address in ("0.0.0.0", "::") else gw.address
+        lines.append(
+            f"  gateway {gw.name:<10} http://{host}:{gw.port}   "
+            f"(Envoy admin http://127.0.0.1:{ports.admin[gw.name]})"
+        )
+    lines += [
+        f"  xDS server         127.0.0.1:{ports.xds}   "
+        f"(status http://127.0.0.1:{ports.xds_status}/status)",
+        f"  authz              127.0.0.1:{ports.authz}   "
+        f"(metrics http://127.0.0.1:{ports.authz_status}/metrics)",
+        f"  logs               {args.state_dir / 'logs'}/",
+        "",
+    ]
+    demo = any(i.issuer == DEMO_ISSUER for i in policy.issuers) and policy.gateways
+    if demo:
+        gw = policy.gateways[0]
+        url = f"http://{'127.0.0.1' if gw.address in ('0.0.0.0', '::') else gw.address}:{gw.port}"
+        alice = key.mint("alice", ["staff"], ttl=8 * 3600)
+        bob = key.mint("bob", ["customers"], ttl=8 * 3600)
+        lines += [
+            "Demo tokens (8 h; mint more with `meshward token --sub NAME --groups a,b`):",
+            f"  export ALICE={alice}",
+            f"  export BOB={bob}",
+            "",
+            "Try:",
+            "  # 200: alice administers orders",
+            f'  curl -i {url}/orders/42 -H "Authorization: Bearer $ALICE"',
+            "  # 403: bob is a customer, customers may not read orders",
+            f'  curl -i {url}/orders/42 -H "Authorization: Bearer $BOB"',
+            "  # 200: customers may read the catalog",
+            f'  curl -i {url}/catalog/items -H "Authorization: Bearer $BOB"',
+            "  # 401: no token",
+            f"  curl -i {url}/orders/42",
+            "",
+        ]
+    else:
+        lines += ["Mint tokens for your issuer's key and send them as 'Authorization: Bearer'.", ""]
+    lines.append("Decisions (Ctrl-C stops everything):")
+    return "\n".join(lines)
+
+
+class _Printer:
+    """Serialises console output from several reader threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def _write(self, text: str, stream: Any = None) -> None:
+        with self._lock:
+            print(text, file=stream or sys.stdout, flush=True)
+
+    def event(self, text: str) -> None:
+        self._write(f"[meshward] {text}")
+
+    def error(self, text: str) -> None:
+        self._write(text, sys.stderr)
+
+    def banner(self, text: str) -> None:
+        self._write(text)
+
+    def decision(self, text: str) -> None:
+        self._write(text)
+
+
+class _LineRouter:
+    """Turns children's JSON log lines into console output.
+
+    authz decision records become one line each; warnings and errors of any child are
+    echoed; everything else stays in the child's log file only.
+    """
+
+    def __init__(self, say: _Printer, quiet_decisions: bool) -> None:
+        self._say = say
+        self._quiet = quiet_decisions
+
+    def __call__(self, child: Child, line: str) -> None:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            if child.name.startswith("envoy-") and (
+                "[warning]" in line or "[error]" in line or "[critical]" in line
+            ):
+                self._say.event(f"{child.name}: {line}")
+            return
+        if not isinstance(rec, dict):
+            return
+        if rec.get("logger") == "meshward.decision":
+            if not self._quiet:
+                self._say.decision(format_decision(rec))
+        elif rec.get("level") in ("warning", "error", "critical"):
+            self._say.event(f"{child.name}: {rec.get('level')}: {rec.get('msg')}")
+
+
+def format_decision(rec: dict[str, Any]) -> str:
+    """One human line for a decision record."""
+    d = rec.get("decision") if isinstance(rec.get("decision"), dict) else rec
+    assert isinstance(d, dict)
+    verdict = str(d.get("decision", "?")).upper()
+    return (
+        f"{verdict:<5} {d.get('status', '?')} {d.get('method', '-')} {d.get('path', '-')}"
+        f"  subject={d.get('subject') or '-'} route={d.get('route') or '-'}"
+        f" reason={d.get('reason', '-')} trace={str(d.get('trace_id') or '-')[:16]}"
+        f" id={d.get('decision_id', '-')}"
+    )

@@ -1,0 +1,284 @@
+"""The policy loader: typed objects, content-hash versions, and file:line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meshward.policy.errors import PolicyError
+from meshward.policy.loader import load_policy
+from meshward.policy.model import Policy
+from tests.policy_files import VALID_POLICY, new_keys, write_jwks, write_policy
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def errors_of(directory: Path) -> list[str]:
+    with pytest.raises(PolicyError) as info:
+        load_policy(directory)
+    return [str(i) for i in info.value.issues]
+
+
+def line_of(text: str, needle: str) -> int:
+    """1-based line number of the first line containing ``needle``."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if needle in line:
+            return number
+    raise AssertionError(f"{needle!r} not in text")
+
+
+def test_valid_policy_loads_into_typed_objects(tmp_path: Path) -> None:
+    policy = load_policy(write_policy(tmp_path))
+    assert [s.name for s in policy.services] == ["orders", "catalog"]
+    gw = policy.gateways[0]
+    assert (gw.name, gw.address, gw.port) == ("edge", "127.0.0.1", 18080)
+    orders = gw.routes[0]
+    assert orders.match.prefix == "/orders" and orders.match.methods == ("GET", "POST")
+    assert orders.service == "orders"
+    assert orders.source.file.endswith("mesh.yaml")
+    assert orders.source.line == line_of(VALID_POLICY, "name: orders-api")
+    issuer = policy.issuers[0]
+    assert issuer.audiences == ("meshward-test",)
+    assert len(issuer.jwks["keys"]) == 2
+    assert policy.bindings[1].groups == ("customers",)
+    assert policy.default_action == "deny"
+    assert len(policy.version) == 12
+
+
+def test_policy_objects_are_immutable(tmp_path: Path) -> None:
+    policy = load_policy(write_policy(tmp_path))
+    with pytest.raises(AttributeError):
+        policy.version = "x"  # type: ignore[misc]
+    assert isinstance(policy.services, tuple)
+
+
+def test_version_ignores_formatting_but_not_meaning(tmp_path: Path) -> None:
+    keys = new_keys()
+    base = load_policy(write_policy(tmp_path / "a", keys=keys))
+    reformatted = "# a comment\n\n" + VALID_POLICY.replace(
+        "methods: [GET, POST]", "methods:\n            - GET\n            - POST"
+    )
+    same = load_policy(write_policy(tmp_path / "b", text=reformatted, keys=keys))
+    changed = load_policy(
+        write_policy(
+            tmp_path / "c",
+            text=VALID_POLICY.replace("subjects: [alice]", "subjects: [alice, bob]"),
+            keys=keys,
+        )
+    )
+    other_key = load_policy(write_policy(tmp_path / "d"))
+    assert same.version == base.version
+    assert changed.version != base.version
+    assert other_key.version != base.version, "the JWKS content is part of the policy"
+
+
+def test_demo_policy_is_valid(tmp_path: Path) -> None:
+    """policies/mesh.yaml (with a freshly generated demo JWKS) passes validation."""
+    target = tmp_path / "policies"
+    target.mkdir()
+    (target / "mesh.yaml").write_text((ROOT / "policies" / "mesh.yaml").read_text())
+    write_jwks(target / "keys" / "demo-jwks.json", *new_keys())
+    policy = load_policy(target)
+    assert {r.name for r in policy.routes()} == {"orders-api", "catalog-api"}
+
+
+def test_files_in_a_directory_merge_and_names_stay_unique(tmp_path: Path) -> None:
+    write_policy(tmp_path)
+    extra = "services:\n  - name: orders\n    endpoints: [{address: 10.0.0.1, port: 80}]\n"
+    (tmp_path / "zz-extra.yaml").write_text(extra)
+    errors = errors_of(tmp_path)
+    assert errors == [
+        f"{tmp_path}/zz-extra.yaml:2: duplicate service name 'orders' (first defined at "
+        f"{tmp_path}/mesh.yaml:2); names must be unique"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "needle", "message"),
+    [
+        pytest.param(
+            "        service: orders",
+            "        servce: orders",
+            "servce:",
+            "routes[0]: unknown key 'servce' (did you mean 'service'?)",
+            id="unknown-key",
+        ),
+        pytest.param(
+            "port: {gateway_port}",
+            "port: eighty",
+            "port: eighty",
+            "gateways[0].port: expected an integer, got a string 'eighty'",
+            id="wrong-type",
+        ),
+        pytest.param(
+            "        service: catalog",
+            "        service: billing",
+            "service: billing",
+            "routes[1].service: service 'billing' is not defined",
+            id="undefined-service",
+        ),
+        pytest.param(
+            "    role: catalog-reader",
+            "    role: catalog-writer",
+            "role: catalog-writer",
+            "bindings[1].role: role 'catalog-writer' is not defined",
+            id="undefined-role",
+        ),
+        pytest.param(
+            "  - name: customers-read-catalog",
+            "  - name: alice-reads-orders",
+            "- name: alice-reads-orders\n",
+            "duplicate binding name 'alice-reads-orders'",
+            id="duplicate-name",
+        ),
+        pytest.param(
+            "jwks_file: keys/jwks.json",
+            "jwks_file: keys/missing.json",
+            "jwks_file",
+            "issuers[0].jwks_file: cannot read JWKS file",
+            id="unreadable-jwks",
+        ),
+        pytest.param(
+            "      - name: catalog-api",
+            "      - name: orders-api",
+            "- name: orders-api\n",
+            "duplicate route name 'orders-api'",
+            id="duplicate-route",
+        ),
+        pytest.param(
+            "methods: [GET, POST]",
+            "methods: [GET, FETCH]",
+            "methods: [GET, FETCH]",
+            "'FETCH' is not an HTTP method",
+            id="bad-method",
+        ),
+        pytest.param(
+            "default: deny",
+            "default: allow",
+            "default: allow",
+            "default: 'allow' is not supported",
+            id="default-allow",
+        ),
+        pytest.param(
+            "    subjects: [alice]",
+            "",
+            "- name: alice-reads-orders",
+            "grants its role to nobody",
+            id="binding-to-nobody",
+        ),
+        pytest.param(
+            "prefix: /orders",
+            "prefix: orders",
+            "prefix: orders",
+            "'orders' must start with '/'",
+            id="relative-prefix",
+        ),
+    ],
+)
+def test_each_bad_input_is_reported_with_file_and_line(
+    tmp_path: Path, before: str, after: str, needle: str, message: str
+) -> None:
+    assert before in VALID_POLICY
+    text = VALID_POLICY.replace(before, after, 1)
+    write_policy(tmp_path, text=text)
+    rendered = (tmp_path / "mesh.yaml").read_text()
+    # The duplicate is reported at its second occurrence.
+    line = (
+        line_of(rendered, needle)
+        if "duplicate" not in message
+        else rendered.count("\n", 0, rendered.rindex(needle.strip())) + 1
+    )
+    errors = errors_of(tmp_path)
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"{tmp_path}/mesh.yaml:{line}: "), errors
+    assert message in errors[0]
+
+
+def test_every_problem_is_reported_in_one_pass(tmp_path: Path) -> None:
+    text = (
+        VALID_POLICY.replace("port: {gateway_port}", "port: 99999")
+        .replace("    role: catalog-reader", "    role: nope")
+        .replace("        service: orders", "        service: ghost")
+    )
+    errors = errors_of(write_policy(tmp_path, text=text))
+    assert len(errors) == 3
+    assert any("out of range" in e for e in errors)
+    assert any("role 'nope'" in e for e in errors)
+    assert any("service 'ghost'" in e for e in errors)
+
+
+def test_yaml_syntax_error_and_duplicate_key(tmp_path: Path) -> None:
+    write_policy(tmp_path, text=VALID_POLICY.replace("  - name: catalog\n", "  - name: [catalog\n"))
+    errors = errors_of(tmp_path)
+    assert len(errors) == 1 and "YAML syntax error" in errors[0]
+    assert errors[0].startswith(f"{tmp_path}/mesh.yaml:")
+
+    dup = tmp_path / "dup"
+    write_policy(dup, text=VALID_POLICY.replace("default: deny", "default: deny\ndefault: deny"))
+    errors = errors_of(dup)
+    first = line_of(VALID_POLICY, "default: deny")
+    assert errors == [
+        f"{dup}/mesh.yaml:{first + 1}: the policy file: duplicate key 'default' "
+        f"(first at line {first}); keep one"
+    ]
+
+
+def test_jwks_with_private_key_or_garbage_is_rejected(tmp_path: Path) -> None:
+    write_policy(tmp_path)
+    rsa, _ = new_keys()
+    (tmp_path / "keys" / "jwks.json").write_text(
+        '{"keys": [' + __import__("json").dumps(rsa.as_dict(private=True)) + "]}"
+    )
+    assert "private key material" in errors_of(tmp_path)[0]
+    (tmp_path / "keys" / "jwks.json").write_text("not json")
+    assert "is not valid JSON" in errors_of(tmp_path)[0]
+    (tmp_path / "keys" / "jwks.json").write_text('{"keys": [{"kty": "RSA", "n": "x"}]}')
+    assert "not a usable JWKS" in errors_of(tmp_path)[0]
+
+
+def test_missing_directory_or_empty_directory(tmp_path: Path) -> None:
+    assert "no such file or directory" in errors_of(tmp_path / "nope")[0]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no policy files" in errors_of(empty)[0]
+
+
+def test_policy_build_is_deterministic() -> None:
+    assert Policy.build().version == Policy.build().version
+
+
+def _meshward(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "meshward", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_meshward_check_cli(tmp_path: Path) -> None:
+    good = write_policy(tmp_path / "good")
+    ok = _meshward("check", str(good), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "OK, version" in ok.stdout
+
+    bad = write_policy(
+        tmp_path / "bad",
+        text=VALID_POLICY.replace("    role: catalog-reader", "    role: catalog-writer"),
+    )
+    result = _meshward("check", str(bad), cwd=tmp_path)
+    assert result.returncode == 1
+    line = line_of((bad / "mesh.yaml").read_text(), "role: catalog-writer")
+    assert (
+        f"{bad}/mesh.yaml:{line}: bindings[1].role: role 'catalog-writer' is not defined"
+        in result.stderr
+    )
+    assert "Traceback" not in result.stderr
