@@ -1,0 +1,189 @@
+"""Snapshots and the snapshot cache: *what* each node group must see.
+
+The counterpart of go-control-plane's ``pkg/cache`` (``SnapshotCache``). The cache
+knows nothing about streams, nonces or ACKs (that is :mod:`xds_server.server`); it
+holds one :class:`Snapshot` per node group and tells watchers when it changes.
+
+A snapshot is one consistent, versioned set of resources for every type. It is
+immutable once built, and everything expensive is done once per snapshot and shared
+by every stream that sends it: each resource is packed into its ``Any`` once, and
+each response body (a serialized ``DiscoveryResponse`` without its nonce) is built
+once per (type, requested names) and reused as bytes. A stream adds only its own
+nonce (see :func:`xds_server.server.with_nonce`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
+
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf.any_pb2 import Any as AnyMessage
+from google.protobuf.message import Message
+
+from xds_server import resources as rs
+
+SnapshotWatcher = Callable[["Snapshot"], None]
+
+
+class Snapshot:
+    """One versioned, immutable set of resources per type URL, for one node group.
+
+    ``version`` is the ``version_info`` of every response built from this snapshot.
+    Build with :meth:`build` from plain messages; resources keep the order given.
+    """
+
+    __slots__ = ("_bodies", "_resources", "_transitions", "version")
+
+    def __init__(self, version: str, resources: Mapping[str, Mapping[str, AnyMessage]]) -> None:
+        if not version:
+            raise ValueError("a snapshot needs a non-empty version")
+        self.version = version
+        self._resources: Mapping[str, Mapping[str, AnyMessage]] = MappingProxyType(
+            {t: MappingProxyType(dict(by_name)) for t, by_name in resources.items()}
+        )
+        # (type_url, effective names or None for "all") -> serialized response body.
+        self._bodies: dict[tuple[str, frozenset[str] | None], bytes] = {}
+        # (type_url, previous version) -> body keeping what the previous one had.
+        self._transitions: dict[tuple[str, str], bytes] = {}
+
+    @classmethod
+    def build(cls, version: str, resources: Mapping[str, Iterable[Message]]) -> Snapshot:
+        """Pack ``resources`` (type URL → messages) into a snapshot.
+
+        Every type of :data:`~xds_server.resources.PUSH_ORDER` is present (empty when
+        not given), so a group with nothing to serve deletes its listeners and
+        clusters instead of leaving stale ones. Raises ``ValueError`` on a message
+        whose type does not match its type URL, or on duplicate names.
+        """
+        packed: dict[str, dict[str, AnyMessage]] = {t: {} for t in rs.PUSH_ORDER}
+        for type_url, messages in resources.items():
+            by_name = packed.setdefault(type_url, {})
+            for message in messages:
+                if rs.type_url_of(message) != type_url:
+                    raise ValueError(f"{rs.type_url_of(message)} listed under {type_url}")
+                name = rs.resource_name(message)
+                if name in by_name:
+                    raise ValueError(f"duplicate {rs.short_name(type_url)} resource {name!r}")
+                by_name[name] = rs.pack(message)
+        return cls(version, packed)
+
+    @classmethod
+    def empty(cls, version: str) -> Snapshot:
+        """A snapshot with no resources: proxies that get it drop all listeners/clusters."""
+        return cls.build(version, {})
+
+    def type_urls(self) -> tuple[str, ...]:
+        return tuple(self._resources)
+
+    def names(self, type_url: str) -> tuple[str, ...]:
+        """Names of the resources of ``type_url``, in snapshot order."""
+        return tuple(self._resources.get(type_url, {}))
+
+    def resources(self, type_url: str) -> Mapping[str, AnyMessage]:
+        """name → packed resource (read-only)."""
+        return self._resources.get(type_url, MappingProxyType({}))
+
+    def response_body(self, type_url: str, names: Iterable[str] | None = None) -> bytes:
+        """The serialized ``DiscoveryResponse`` (no nonce) for ``type_url``.
+
+        ``names=None`` means every resource of the type (state-of-the-world types);
+        otherwise only the requested names that exist, in snapshot order (a name
+        the snapshot lacks is simply left out: for RDS/EDS that is not a deletion).
+        Bodies are memoized, so streams asking for the same set share the bytes.
+        """
+        by_name = self.resources(type_url)
+        key: frozenset[str] | None = None
+        if names is not None:
+            key = frozenset(names).intersection(by_name)
+            if len(key) == len(by_name):
+                key = None
+        body = self._bodies.get((type_url, key))
+        if body is None:
+            response = discovery_pb2.DiscoveryResponse(version_info=self.version, type_url=type_url)
+            response.resources.extend(
+                packed for name, packed in by_name.items() if key is None or name in key
+            )
+            body = response.SerializeToString()
+            self._bodies[(type_url, key)] = body
+        return body
+
+    def transition_body(self, type_url: str, previous: Snapshot) -> bytes | None:
+        """For a state-of-the-world type: this snapshot's resources *plus* those of
+        ``previous`` that this one drops, as a response body; ``None`` if it drops none.
+
+        Sent before the final body so that removals happen last (make before break).
+        Memoized per previous version: the streams of a group share one body.
+        """
+        current = self.resources(type_url)
+        dropped = [n for n in previous.names(type_url) if n not in current]
+        if not dropped:
+            return None
+        key = (type_url, previous.version)
+        body = self._transitions.get(key)
+        if body is None:
+            response = discovery_pb2.DiscoveryResponse(version_info=self.version, type_url=type_url)
+            response.resources.extend(current.values())
+            old = previous.resources(type_url)
+            response.resources.extend(old[name] for name in dropped)
+            body = response.SerializeToString()
+            self._transitions[key] = body
+        return body
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{rs.short_name(t)}={len(r)}" for t, r in self._resources.items())
+        return f"Snapshot(version={self.version!r}, {counts})"
+
+
+class SnapshotCache:
+    """Node group → latest :class:`Snapshot`, with change notification.
+
+    Single-threaded by design: call every method from the event loop thread that
+    runs the ADS server. Watchers are plain callbacks run synchronously inside
+    :meth:`set_snapshot` (a stream's watcher just enqueues an event), so they must
+    not block. Setting a snapshot notifies every watcher of the group even if the
+    version is unchanged; streams compare versions and skip what they already sent.
+    """
+
+    def __init__(self) -> None:
+        self._snapshots: dict[str, Snapshot] = {}
+        self._watchers: dict[str, dict[int, SnapshotWatcher]] = {}
+        self._next_watch = 0
+
+    def set_snapshot(self, group: str, snapshot: Snapshot) -> None:
+        """Make ``snapshot`` the current one for ``group`` and notify its watchers."""
+        self._snapshots[group] = snapshot
+        for watcher in list(self._watchers.get(group, {}).values()):
+            watcher(snapshot)
+
+    def get_snapshot(self, group: str) -> Snapshot | None:
+        return self._snapshots.get(group)
+
+    def clear_snapshot(self, group: str) -> None:
+        """Forget ``group``'s snapshot (watchers are not notified; streams keep what
+        they were sent). To make proxies drop their config, set :meth:`Snapshot.empty`."""
+        self._snapshots.pop(group, None)
+
+    def groups(self) -> tuple[str, ...]:
+        return tuple(self._snapshots)
+
+    def watch(self, group: str, watcher: SnapshotWatcher) -> Callable[[], None]:
+        """Call ``watcher(snapshot)`` on every :meth:`set_snapshot` for ``group``.
+
+        Returns a function that cancels the watch (idempotent).
+        """
+        key = self._next_watch
+        self._next_watch += 1
+        self._watchers.setdefault(group, {})[key] = watcher
+
+        def cancel() -> None:
+            watchers = self._watchers.get(group)
+            if watchers is not None:
+                watchers.pop(key, None)
+                if not watchers:
+                    del self._watchers[group]
+
+        return cancel
+
+    def watcher_count(self, group: str) -> int:
+        return len(self._watchers.get(group, {}))

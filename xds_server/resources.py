@@ -1,0 +1,58 @@
+"""xDS resource types: type URLs, their short names, and ``Any`` packing.
+
+The counterpart of go-control-plane's ``pkg/resource``. The order of
+:data:`PUSH_ORDER` is the order a new snapshot is pushed on a stream: clusters and
+their endpoints before the listeners and routes that reference them, so Envoy never
+holds a route to a cluster it does not know yet.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.any_pb2 import Any as AnyMessage
+from google.protobuf.message import Message
+
+_PREFIX = "type.googleapis.com/"
+
+CLUSTER = _PREFIX + "envoy.config.cluster.v3.Cluster"
+ENDPOINT = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER = _PREFIX + "envoy.config.listener.v3.Listener"
+ROUTE = _PREFIX + "envoy.config.route.v3.RouteConfiguration"
+
+#: Push order for a new snapshot on one stream: CDS, EDS, LDS, RDS.
+PUSH_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+
+#: State-of-the-world types: every response carries *all* resources of the type and a
+#: name missing from a response is a deletion. The other types (RDS, EDS, later SDS)
+#: carry only the names the client asked for.
+WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
+
+#: Types whose dropped resources are removed only after the rest of a push (make before
+#: break): routes may still point at a cluster until the new RDS arrives.
+REMOVE_LAST_TYPES = frozenset({CLUSTER})
+
+#: Short names for logs, metrics labels and status pages.
+SHORT_NAMES: dict[str, str] = {CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
+
+
+def short_name(type_url: str) -> str:
+    """``cds``/``eds``/``lds``/``rds`` for known types, else the message name."""
+    return SHORT_NAMES.get(type_url, type_url.rsplit(".", 1)[-1])
+
+
+def pack(message: Message) -> AnyMessage:
+    """Wrap ``message`` in an ``Any`` (serializes it once)."""
+    wrapped = AnyMessage()
+    wrapped.Pack(message)
+    return wrapped
+
+
+def type_url_of(message: Message) -> str:
+    """The ``type.googleapis.com/...`` URL of a message."""
+    return _PREFIX + message.DESCRIPTOR.full_name
+
+
+def resource_name(message: Message) -> str:
+    """The xDS name of a resource (``cluster_name`` for a ClusterLoadAssignment)."""
+    if message.DESCRIPTOR.full_name == "envoy.config.endpoint.v3.ClusterLoadAssignment":
+        return str(getattr(message, "cluster_name"))  # noqa: B009
+    return str(getattr(message, "name"))  # noqa: B009
