@@ -1,0 +1,59 @@
+"""Reason codes: the one word that says why a request was allowed or denied.
+
+They appear in the deny body, in spans (``meshward.reason``), in decision logs and as
+a metrics label, so the set is closed and small. Every code but ``allowed`` is a deny.
+"""
+
+# ruff: noqa: S105  (reason codes, not passwords)
+
+from __future__ import annotations
+
+#: An identity with a matching permission.
+ALLOWED = "allowed"
+#: The request matched no meshward route (no ``meshward.route`` context extension).
+NO_ROUTE = "no_route"
+#: No credential of any supported kind was presented.
+MISSING_TOKEN = "missing_token"
+#: The credential is malformed, lacks a required claim, or has claims of the wrong type.
+INVALID_TOKEN = "invalid_token"
+#: ``exp`` is in the past.
+TOKEN_EXPIRED = "token_expired"
+#: ``nbf`` is in the future.
+TOKEN_NOT_YET_VALID = "token_not_yet_valid"
+#: ``iss`` names no issuer of the policy.
+UNKNOWN_ISSUER = "unknown_issuer"
+#: ``aud`` does not name any audience the issuer accepts.
+BAD_AUDIENCE = "bad_audience"
+#: ``alg`` is ``none`` or not one the issuer allows.
+UNSUPPORTED_ALGORITHM = "unsupported_algorithm"
+#: ``kid`` names no key of the issuer's JWKS (or no key fits the algorithm).
+UNKNOWN_KEY = "unknown_key"
+#: The signature does not verify with the issuer's key.
+BAD_SIGNATURE = "bad_signature"
+#: A valid identity without a permission for this method, path and service.
+FORBIDDEN = "forbidden"
+#: The CheckRequest could not be decoded.
+MALFORMED_REQUEST = "malformed_request"
+#: authz failed internally; it fails closed.
+INTERNAL_ERROR = "internal_error"
+
+#: Codes that mean "a credential was presented but is not acceptable" (HTTP 401 with
+#: ``error="invalid_token"``).
+INVALID_CREDENTIAL = frozenset(
+    {
+        INVALID_TOKEN,
+        TOKEN_EXPIRED,
+        TOKEN_NOT_YET_VALID,
+        UNKNOWN_ISSUER,
+        BAD_AUDIENCE,
+        UNSUPPORTED_ALGORITHM,
+        UNKNOWN_KEY,
+        BAD_SIGNATURE,
+    }
+)
+
+#: Every reason code.
+ALL = frozenset(
+    {ALLOWED, NO_ROUTE, MISSING_TOKEN, FORBIDDEN, MALFORMED_REQUEST, INTERNAL_ERROR}
+    | INVALID_CREDENTIAL
+)

@@ -1,0 +1,73 @@
+"""Decision → ``CheckResponse``, as Envoy's ext_authz filter reads it.
+
+- Allow: ``status.code = OK`` and ``ok_response.headers`` adding
+  ``x-meshward-subject`` and ``x-meshward-decision-id`` to the upstream request with
+  ``append_action = OVERWRITE_IF_EXISTS_OR_ADD``: a client-supplied
+  ``x-meshward-subject`` is replaced, never passed along (the default append action
+  would *append*, letting a client smuggle an identity).
+- Deny: ``status.code = UNAUTHENTICATED`` (16) for 401s, ``PERMISSION_DENIED`` (7)
+  otherwise, and ``denied_response`` with the HTTP status, ``content-type:
+  application/json``, the body ``{"decision":"deny","reason":…,"decision_id":…}``
+  (compact JSON; never a stack trace or policy text) and, for 401s,
+  ``WWW-Authenticate``.
+"""
+
+from __future__ import annotations
+
+import json
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2
+from google.rpc import status_pb2
+
+from authz.decision import Decision
+
+SUBJECT_HEADER = "x-meshward-subject"
+DECISION_ID_HEADER = "x-meshward-decision-id"
+
+#: google.rpc.Code values used here.
+GRPC_OK = 0
+GRPC_PERMISSION_DENIED = 7
+GRPC_UNAUTHENTICATED = 16
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE
+    )
+
+
+def deny_body(decision: Decision) -> str:
+    """The exact deny body: compact JSON, three keys, in this order."""
+    return json.dumps(
+        {"decision": "deny", "reason": decision.reason, "decision_id": decision.decision_id},
+        separators=(",", ":"),
+    )
+
+
+def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
+    """The ``CheckResponse`` that tells Envoy what to do with the request."""
+    if decision.allowed:
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=GRPC_OK),
+            ok_response=external_auth_pb2.OkHttpResponse(
+                headers=[
+                    _header(SUBJECT_HEADER, decision.subject),
+                    _header(DECISION_ID_HEADER, decision.decision_id),
+                ]
+            ),
+        )
+    headers = [_header("content-type", "application/json")]
+    if decision.http_status == 401:
+        headers.append(_header("www-authenticate", decision.www_authenticate))
+    code = GRPC_UNAUTHENTICATED if decision.http_status == 401 else GRPC_PERMISSION_DENIED
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code, message=decision.reason),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status={"code": decision.http_status},
+            headers=headers,
+            body=deny_body(decision),
+        ),
+    )

@@ -1,0 +1,180 @@
+"""``meshward authz`` as a real process: serve, /healthz, /metrics, SIGHUP reload, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+
+from authz import testing
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def key() -> testing.SigningKey:
+    return testing.rsa_key("cli-key")
+
+
+@pytest.fixture
+def policy_dir(tmp_path: Path, key: testing.SigningKey) -> Path:
+    directory = tmp_path / "policies"
+    (directory / "keys").mkdir(parents=True)
+    shutil.copy(REPO / "policies" / "mesh.yaml", directory / "mesh.yaml")
+    (directory / "keys" / "demo-jwks.json").write_text(json.dumps(testing.jwks(key)))
+    return directory
+
+
+class Process:
+    def __init__(self, args: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "meshward", "authz", *args],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.put(line)
+
+    def wait_for_log(self, msg: str, timeout: float = 20.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            self.seen.append(line)
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("msg") == msg:
+                return dict(record)
+        raise AssertionError(f"no {msg!r} log line; got: {''.join(self.seen)}")
+
+
+@pytest.fixture
+def serving(policy_dir: Path) -> Iterator[tuple[Process, int, int]]:
+    process = Process(
+        [
+            "--policy",
+            str(policy_dir),
+            "--listen",
+            "127.0.0.1:0",
+            "--status-listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+        ]
+    )
+    try:
+        started = process.wait_for_log("authz started")
+        yield process, int(started["port"]), int(started["status_port"])
+    finally:
+        if process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait(10)
+
+
+def test_serves_reloads_and_stops_cleanly(
+    serving: tuple[Process, int, int], policy_dir: Path, key: testing.SigningKey
+) -> None:
+    process, port, status_port = serving
+    base = f"http://127.0.0.1:{status_port}"
+    with urllib.request.urlopen(f"{base}/healthz", timeout=5) as reply:
+        assert reply.status == 200
+
+    dave = testing.check_request(
+        "GET",
+        "/orders",
+        {"authorization": f"Bearer {key.sign(testing.claims('dave', []))}"},
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        assert stub.Check(dave, timeout=5).status.code == 7
+        logged = process.wait_for_log("decision")
+        assert logged["logger"] == "meshward.decision"
+        assert {k: logged["decision"][k] for k in ("subject", "reason", "status", "path")} == {
+            "subject": "dave",
+            "reason": "forbidden",
+            "status": 403,
+            "path": "/orders",
+        }
+        assert len(logged["decision"]["trace_id"]) == 32
+
+        # SIGHUP with a broken policy: rejected, the old one keeps serving.
+        mesh = policy_dir / "mesh.yaml"
+        good = mesh.read_text()
+        mesh.write_text(good.replace("role: orders-admin", "role: no-such-role"))
+        process.proc.send_signal(signal.SIGHUP)
+        rejected = process.wait_for_log("policy rejected; the last good policy keeps serving")
+        assert any("mesh.yaml" in e for e in rejected["errors"])
+        assert stub.Check(dave, timeout=5).status.code == 7
+
+        # SIGHUP with a good policy that grants dave.
+        mesh.write_text(good.replace("subjects: [alice]", "subjects: [alice, dave]"))
+        process.proc.send_signal(signal.SIGHUP)
+        process.wait_for_log("policy loaded")
+        assert stub.Check(dave, timeout=5).status.code == 0
+
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as reply:
+        metrics = reply.read().decode()
+    assert 'meshward_authz_decisions_total{decision="allow",reason="allowed"} 1.0' in metrics
+    assert 'meshward_authz_decisions_total{decision="deny",reason="forbidden"} 2.0' in metrics
+
+    process.proc.send_signal(signal.SIGTERM)
+    assert process.proc.wait(15) == 0
+    process.wait_for_log("authz stopping", timeout=5)
+
+
+def test_policy_error_exits_2_with_file_and_line(policy_dir: Path) -> None:
+    mesh = policy_dir / "mesh.yaml"
+    mesh.write_text(mesh.read_text().replace("role: orders-admin", "role: no-such-role"))
+    result = subprocess.run(
+        [sys.executable, "-m", "meshward", "authz", "--policy", str(policy_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert f"{mesh}:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_listen_exits_2(policy_dir: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "meshward", "authz", "--policy", str(policy_dir), "--listen", "x"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--listen" in result.stderr and "Traceback" not in result.stderr
