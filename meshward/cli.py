@@ -22,6 +22,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    from meshward.install_check import BrokenInstallError, check_install
+
+    try:
+        check_install()
+    except BrokenInstallError as exc:
+        print(f"meshward: {exc}", file=sys.stderr)
+        return 3
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

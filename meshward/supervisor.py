@@ -104,27 +104,26 @@ class Supervisor:
         backoff: dict[str, float] = {}
         while not self._stopping.wait(0.2):
             with self._lock:
-                for child in self._children:
-                    if child.process is None or child.process.poll() is None:
-                        continue
-                    code = child.process.returncode
-                    if child.restarts >= child.max_restarts:
-                        if child.process is not None:
-                            self._on_event(
-                                f"{child.name} exited with code {code} and has been restarted "
-                                f"{child.restarts} times; giving up (see {child.log_path})"
-                            )
-                        child.process = None
-                        continue
-                    delay = backoff.get(child.name, 0.5)
+                dead = [c for c in self._children if c.process and c.process.poll() is not None]
+            for child in dead:
+                assert child.process is not None
+                code = child.process.returncode
+                if child.restarts >= child.max_restarts:
                     self._on_event(
-                        f"{child.name} exited with code {code}; restarting in {delay:.1f}s"
+                        f"{child.name} exited with code {code} and was restarted "
+                        f"{child.restarts} times; giving up (see {child.log_path})"
                     )
-                    if self._stopping.wait(delay):
-                        return
-                    backoff[child.name] = min(delay * 2, 10.0)
-                    child.restarts += 1
-                    self._spawn(child)
+                    child.process = None
+                    continue
+                delay = backoff.get(child.name, 0.5)
+                self._on_event(f"{child.name} exited with code {code}; restarting in {delay:.1f}s")
+                if self._stopping.wait(delay):
+                    return
+                backoff[child.name] = min(delay * 2, 10.0)
+                child.restarts += 1
+                with self._lock:
+                    if not self._stopping.is_set():
+                        self._spawn(child)
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM every child (last started first), then SIGKILL after ``timeout``."""

@@ -128,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         pass
     finally:
         say.event("stopping every process meshward up started ...")
+        say.stopping = True
         sup.stop()
         say.event("stopped")
     return 0
@@ -354,6 +355,8 @@ class _Printer:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        #: Once shutting down, children's own shutdown chatter is not echoed.
+        self.stopping = False
 
     def _write(self, text: str, stream: Any = None) -> None:
         with self._lock:
@@ -361,6 +364,10 @@ class _Printer:
 
     def event(self, text: str) -> None:
         self._write(f"[meshward] {text}")
+
+    def child_event(self, text: str) -> None:
+        if not self.stopping:
+            self.event(text)
 
     def error(self, text: str) -> None:
         self._write(text, sys.stderr)
@@ -390,7 +397,7 @@ class _LineRouter:
             if child.name.startswith("envoy-") and (
                 "[warning]" in line or "[error]" in line or "[critical]" in line
             ):
-                self._say.event(f"{child.name}: {line}")
+                self._say.child_event(f"{child.name}: {line}")
             return
         if not isinstance(rec, dict):
             return
@@ -398,7 +405,7 @@ class _LineRouter:
             if not self._quiet:
                 self._say.decision(format_decision(rec))
         elif rec.get("level") in ("warning", "error", "critical"):
-            self._say.event(f"{child.name}: {rec.get('level')}: {rec.get('msg')}")
+            self._say.child_event(f"{child.name}: {rec.get('level')}: {rec.get('msg')}")
 
 
 def format_decision(rec: dict[str, Any]) -> str:
