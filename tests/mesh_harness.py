@@ -57,9 +57,11 @@ class RecordingUpstream:
                 if length:
                     self.rfile.read(length)
                 with lock:
-                    outer.requests.append(SeenRequest(
-                        self.command, self.path, {k.lower(): v for k, v in self.headers.items()}
-                    ))
+                    outer.requests.append(
+                        SeenRequest(
+                            self.command, self.path, {k.lower(): v for k, v in self.headers.items()}
+                        )
+                    )
                 body = json.dumps({"service": name, "path": self.path}).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
@@ -69,7 +71,7 @@ class RecordingUpstream:
 
             do_GET = do_POST = do_DELETE = do_PUT = _answer  # noqa: N815
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 return
 
         self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
@@ -95,14 +97,16 @@ class HttpResult:
         return json.loads(self.body)
 
 
-def http(url: str, method: str = "GET", headers: dict[str, str] | None = None,
-         timeout: float = 10.0) -> HttpResult:
+def http(
+    url: str, method: str = "GET", headers: dict[str, str] | None = None, timeout: float = 10.0
+) -> HttpResult:
     """One HTTP request; non-2xx statuses are results, not exceptions."""
     req = urllib.request.Request(url, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return HttpResult(resp.status, {k.lower(): v for k, v in resp.headers.items()},
-                              resp.read())
+            return HttpResult(
+                resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+            )
     except urllib.error.HTTPError as err:
         return HttpResult(err.code, {k.lower(): v for k, v in err.headers.items()}, err.read())
 
@@ -117,25 +121,45 @@ class Mesh:
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     @classmethod
-    def start(cls, policy_dir: Path, state_dir: Path, env: dict[str, str] | None = None,
-              timeout: float = 60.0) -> Mesh:
+    def start(
+        cls,
+        policy_dir: Path,
+        state_dir: Path,
+        env: dict[str, str] | None = None,
+        timeout: float = 60.0,
+    ) -> Mesh:
         full_env = dict(os.environ)
         full_env.update(env or {})
         full_env["PYTHONPATH"] = str(ROOT)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "meshward", "up", "--policy", str(policy_dir),
-             "--state-dir", str(state_dir), "--no-upstreams",
-             "--bootstrap-template", str(ROOT / "envoy" / "bootstrap.yaml")],
-            cwd=state_dir.parent, env=full_env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "meshward",
+                "up",
+                "--policy",
+                str(policy_dir),
+                "--state-dir",
+                str(state_dir),
+                "--no-upstreams",
+                "--bootstrap-template",
+                str(ROOT / "envoy" / "bootstrap.yaml"),
+            ],
+            cwd=state_dir.parent,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         mesh = cls(proc, state_dir)
         threading.Thread(target=mesh._read, daemon=True).start()
         if not mesh.wait_line(lambda line: line.startswith("Decisions ("), timeout):
             out = "\n".join(mesh.lines)
             mesh.stop()
-            raise AssertionError(f"meshward up did not come up in {timeout}s:\n{out}\n"
-                                 f"{mesh.logs()}")
+            raise AssertionError(
+                f"meshward up did not come up in {timeout}s:\n{out}\n{mesh.logs()}"
+            )
         return mesh
 
     def _read(self) -> None:

@@ -16,8 +16,14 @@ AUDIENCE = "meshward-test"
 
 def claims(sub: str, groups: tuple[str, ...] = (), ttl: int = 600, **extra: Any) -> dict[str, Any]:
     now = int(time.time())
-    out: dict[str, Any] = {"iss": ISSUER, "aud": AUDIENCE, "sub": sub, "iat": now,
-                           "nbf": now - 5, "exp": now + ttl}
+    out: dict[str, Any] = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": sub,
+        "iat": now,
+        "nbf": now - 5,
+        "exp": now + ttl,
+    }
     if groups:
         out["groups"] = list(groups)
     out.update(extra)

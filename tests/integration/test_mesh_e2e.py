@@ -13,9 +13,11 @@ import re
 import secrets
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from joserfc.jwk import ECKey, RSAKey
 
 from meshward.otlp_receiver import OtlpReceiver
 from tests import tokens
@@ -25,18 +27,30 @@ from tests.policy_files import new_keys, write_policy
 pytestmark = pytest.mark.integration
 
 
+@dataclass
 class Stack:
-    def __init__(self, mesh: Mesh, gateway: str, orders: RecordingUpstream,
-                 catalog: RecordingUpstream, receiver: OtlpReceiver, keys: tuple) -> None:
-        self.mesh = mesh
-        self.gateway = gateway
-        self.orders = orders
-        self.catalog = catalog
-        self.receiver = receiver
-        self.rsa, self.ec = keys
+    mesh: Mesh
+    gateway: str
+    orders: RecordingUpstream
+    catalog: RecordingUpstream
+    receiver: OtlpReceiver
+    keys: tuple[RSAKey, ECKey]
 
-    def get(self, path: str, token: str | None = None, method: str = "GET",
-            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    @property
+    def rsa(self) -> RSAKey:
+        return self.keys[0]
+
+    @property
+    def ec(self) -> ECKey:
+        return self.keys[1]
+
+    def get(
+        self,
+        path: str,
+        token: str | None = None,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
         h = dict(headers or {})
         if token is not None:
             h["authorization"] = f"Bearer {token}"
@@ -48,8 +62,7 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     base = tmp_path_factory.mktemp("mesh")
     keys = new_keys()
-    ports = {"orders_port": free_port(), "catalog_port": free_port(),
-             "gateway_port": free_port()}
+    ports = {"orders_port": free_port(), "catalog_port": free_port(), "gateway_port": free_port()}
     policy_dir = write_policy(base / "policies", keys=keys, **ports)
     orders = RecordingUpstream("orders", ports["orders_port"]).start()
     catalog = RecordingUpstream("catalog", ports["catalog_port"]).start()
@@ -62,8 +75,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     }
     mesh = Mesh.start(policy_dir, base / "state", env=env)
     try:
-        yield Stack(mesh, f"http://127.0.0.1:{ports['gateway_port']}", orders, catalog,
-                    receiver, keys)
+        yield Stack(
+            mesh, f"http://127.0.0.1:{ports['gateway_port']}", orders, catalog, receiver, keys
+        )
     finally:
         mesh.stop()
         orders.stop()
@@ -74,8 +88,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def test_allowed_subject_reaches_upstream_with_identity_header(stack: Stack) -> None:
     token = tokens.sign(stack.rsa, tokens.claims("alice"))
     before = len(stack.orders.requests)
-    status, headers, body = stack.get("/orders/42", token,
-                                      headers={"x-meshward-subject": "mallory"})
+    status, _, body = stack.get("/orders/42", token, headers={"x-meshward-subject": "mallory"})
     assert status == 200, body
     assert json.loads(body) == {"service": "orders", "path": "/orders/42"}
     seen = stack.orders.requests[before:]
@@ -100,15 +113,16 @@ def test_subject_without_role_is_forbidden_and_never_reaches_upstream(stack: Sta
     doc = json.loads(body)
     assert set(doc) == {"decision", "reason", "decision_id"}
     assert doc["decision"] == "deny" and doc["reason"] == "forbidden"
-    # alice may GET orders but the role does not grant DELETE (route allows the method).
+    # alice may GET orders; her role does not grant POST (which the route does match).
     alice = tokens.sign(stack.rsa, tokens.claims("alice"))
     status, _, _ = stack.get("/orders/42", alice, method="POST")
     assert status == 403
     assert len(stack.orders.requests) == before
 
 
-@pytest.mark.parametrize("case", ["missing", "expired", "other-key", "alg-none", "garbage",
-                                  "wrong-audience"])
+@pytest.mark.parametrize(
+    "case", ["missing", "expired", "other-key", "alg-none", "garbage", "wrong-audience"]
+)
 def test_unauthenticated_requests_get_401(stack: Stack, case: str) -> None:
     before = len(stack.orders.requests)
     other_rsa, _ = new_keys()
@@ -148,8 +162,9 @@ def test_each_decision_is_one_span_child_of_the_request_traceparent(stack: Stack
     trace_id = secrets.token_hex(16)
     parent_id = secrets.token_hex(8)
     token = tokens.sign(stack.rsa, tokens.claims("alice"))
-    status, _, _ = stack.get("/orders/7", token,
-                             headers={"traceparent": f"00-{trace_id}-{parent_id}-01"})
+    status, _, _ = stack.get(
+        "/orders/7", token, headers={"traceparent": f"00-{trace_id}-{parent_id}-01"}
+    )
     assert status == 200
     spans = stack.receiver.wait_for(lambda s: s.trace_id == trace_id, timeout=15)
     assert len(spans) == 1, spans
@@ -169,8 +184,9 @@ def test_each_decision_is_one_span_child_of_the_request_traceparent(stack: Stack
 
     # A denied decision is traced too, with its reason.
     trace_id2 = secrets.token_hex(16)
-    status, _, body = stack.get("/orders/7", None,
-                                headers={"traceparent": f"00-{trace_id2}-{parent_id}-01"})
+    status, _, body = stack.get(
+        "/orders/7", None, headers={"traceparent": f"00-{trace_id2}-{parent_id}-01"}
+    )
     assert status == 401
     denied = stack.receiver.wait_for(lambda s: s.trace_id == trace_id2, timeout=15)
     assert len(denied) == 1
@@ -205,8 +221,13 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     """A second, short-lived mesh: after SIGINT no process it started is left."""
     keys = new_keys()
     gw = free_port()
-    policy_dir = write_policy(tmp_path / "policies", keys=keys, gateway_port=gw,
-                              orders_port=free_port(), catalog_port=free_port())
+    policy_dir = write_policy(
+        tmp_path / "policies",
+        keys=keys,
+        gateway_port=gw,
+        orders_port=free_port(),
+        catalog_port=free_port(),
+    )
     mesh = Mesh.start(policy_dir, tmp_path / "state")
     admin = int(mesh.banner_value(r"Envoy admin http://127\.0\.0\.1:(\d+)"))
     children = _children_of(mesh.process.pid)
@@ -224,7 +245,7 @@ def _children_of(pid: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                stat = open(f"/proc/{entry}/stat").read()  # noqa: SIM115, PTH123
+                stat = open(f"/proc/{entry}/stat").read()  # noqa: SIM115
             except OSError:
                 continue
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
@@ -234,6 +255,6 @@ def _children_of(pid: int) -> list[int]:
 
 def _is_zombie(pid: int) -> bool:
     try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"  # noqa: SIM115, PTH123
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True

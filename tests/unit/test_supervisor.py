@@ -30,10 +30,14 @@ def test_lines_are_routed_logged_and_crashes_restarted(tmp_path: Path) -> None:
 
     sup = Supervisor(on_line, events.append)
     # Prints a line and exits 3: the supervisor must restart it (with back-off), twice.
-    crasher = sup.start(Child(
-        "crasher", [sys.executable, "-c", "print('hello', flush=True); raise SystemExit(3)"],
-        log_path=tmp_path / "crasher.log", max_restarts=2,
-    ))
+    crasher = sup.start(
+        Child(
+            "crasher",
+            [sys.executable, "-c", "print('hello', flush=True); raise SystemExit(3)"],
+            log_path=tmp_path / "crasher.log",
+            max_restarts=2,
+        )
+    )
     try:
         assert _wait(lambda: any("giving up" in e for e in events), timeout=15), events
         assert crasher.restarts == 2
@@ -45,13 +49,23 @@ def test_lines_are_routed_logged_and_crashes_restarted(tmp_path: Path) -> None:
 
 
 def test_stop_terminates_then_kills(tmp_path: Path) -> None:
-    sup = Supervisor(lambda c, l: None, lambda e: None)
+    sup = Supervisor(lambda child, line: None, lambda event: None)
     polite = sup.start(Child("polite", [sys.executable, "-c", "import time; time.sleep(60)"]))
-    stubborn = sup.start(Child("stubborn", [sys.executable, "-c", (
-        "import signal, time\n"
-        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-        "print('ready', flush=True)\n"
-        "time.sleep(60)\n")]))
+    stubborn = sup.start(
+        Child(
+            "stubborn",
+            [
+                sys.executable,
+                "-c",
+                (
+                    "import signal, time\n"
+                    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                    "print('ready', flush=True)\n"
+                    "time.sleep(60)\n"
+                ),
+            ],
+        )
+    )
     assert _wait(lambda: polite.running() and stubborn.running())
     time.sleep(0.3)  # let the stubborn child install its handler
     started = time.monotonic()
