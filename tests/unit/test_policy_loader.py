@@ -97,105 +97,110 @@ def test_files_in_a_directory_merge_and_names_stay_unique(tmp_path: Path) -> Non
     ]
 
 
-@pytest.mark.parametrize(
-    ("before", "after", "needle", "message"),
-    [
-        pytest.param(
-            "        service: orders",
-            "        servce: orders",
-            "servce:",
-            "routes[0]: unknown key 'servce' (did you mean 'service'?)",
-            id="unknown-key",
-        ),
-        pytest.param(
-            "port: {gateway_port}",
-            "port: eighty",
-            "port: eighty",
-            "gateways[0].port: expected an integer, got a string 'eighty'",
-            id="wrong-type",
-        ),
-        pytest.param(
-            "        service: catalog",
-            "        service: billing",
-            "service: billing",
-            "routes[1].service: service 'billing' is not defined",
-            id="undefined-service",
-        ),
-        pytest.param(
-            "    role: catalog-reader",
-            "    role: catalog-writer",
-            "role: catalog-writer",
-            "bindings[1].role: role 'catalog-writer' is not defined",
-            id="undefined-role",
-        ),
-        pytest.param(
-            "  - name: customers-read-catalog",
-            "  - name: alice-reads-orders",
-            "- name: alice-reads-orders\n",
-            "duplicate binding name 'alice-reads-orders'",
-            id="duplicate-name",
-        ),
-        pytest.param(
-            "jwks_file: keys/jwks.json",
-            "jwks_file: keys/missing.json",
-            "jwks_file",
-            "issuers[0].jwks_file: cannot read JWKS file",
-            id="unreadable-jwks",
-        ),
-        pytest.param(
-            "      - name: catalog-api",
-            "      - name: orders-api",
-            "- name: orders-api\n",
-            "duplicate route name 'orders-api'",
-            id="duplicate-route",
-        ),
-        pytest.param(
-            "methods: [GET, POST]",
-            "methods: [GET, FETCH]",
-            "methods: [GET, FETCH]",
-            "'FETCH' is not an HTTP method",
-            id="bad-method",
-        ),
-        pytest.param(
-            "default: deny",
-            "default: allow",
-            "default: allow",
-            "default: 'allow' is not supported",
-            id="default-allow",
-        ),
-        pytest.param(
-            "    subjects: [alice]",
-            "",
-            "- name: alice-reads-orders",
-            "grants its role to nobody",
-            id="binding-to-nobody",
-        ),
-        pytest.param(
-            "prefix: /orders",
-            "prefix: orders",
-            "prefix: orders",
-            "'orders' must start with '/'",
-            id="relative-prefix",
-        ),
-    ],
-)
+BAD_CASES = [
+    pytest.param(
+        "        service: orders",
+        "        servce: orders",
+        "servce:",
+        "routes[0]: unknown key 'servce' (did you mean 'service'?)",
+        id="unknown-key",
+    ),
+    pytest.param(
+        "port: {gateway_port}",
+        "port: eighty",
+        "port: eighty",
+        "gateways[0].port: expected an integer, got a string 'eighty'",
+        id="wrong-type",
+    ),
+    pytest.param(
+        "        service: catalog",
+        "        service: billing",
+        "service: billing",
+        "routes[1].service: service 'billing' is not defined",
+        id="undefined-service",
+    ),
+    pytest.param(
+        "    role: catalog-reader",
+        "    role: catalog-writer",
+        "role: catalog-writer",
+        "bindings[1].role: role 'catalog-writer' is not defined",
+        id="undefined-role",
+    ),
+    pytest.param(
+        "  - name: customers-read-catalog",
+        "  - name: alice-reads-orders",
+        "- name: alice-reads-orders\n",
+        "duplicate binding name 'alice-reads-orders'",
+        id="duplicate-name",
+    ),
+    pytest.param(
+        "jwks_file: keys/jwks.json",
+        "jwks_file: keys/missing.json",
+        "jwks_file",
+        "issuers[0].jwks_file: cannot read JWKS file",
+        id="unreadable-jwks",
+    ),
+    pytest.param(
+        "      - name: catalog-api",
+        "      - name: orders-api",
+        "- name: orders-api\n",
+        "duplicate route name 'orders-api'",
+        id="duplicate-route",
+    ),
+    pytest.param(
+        "methods: [GET, POST]",
+        "methods: [GET, FETCH]",
+        "methods: [GET, FETCH]",
+        "'FETCH' is not an HTTP method",
+        id="bad-method",
+    ),
+    pytest.param(
+        "default: deny",
+        "default: allow",
+        "default: allow",
+        "default: 'allow' is not supported",
+        id="default-allow",
+    ),
+    pytest.param(
+        "    subjects: [alice]",
+        "",
+        "- name: alice-reads-orders",
+        "grants its role to nobody",
+        id="binding-to-nobody",
+    ),
+    pytest.param(
+        "prefix: /orders",
+        "prefix: orders",
+        "prefix: orders",
+        "'orders' must start with '/'",
+        id="relative-prefix",
+    ),
+]
+
+
+@pytest.mark.parametrize(("before", "after", "needle", "message"), BAD_CASES)
 def test_each_bad_input_is_reported_with_file_and_line(
     tmp_path: Path, before: str, after: str, needle: str, message: str
 ) -> None:
+    line = write_bad_policy(tmp_path, before, after, needle, message)
+    errors = errors_of(tmp_path)
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"{tmp_path}/mesh.yaml:{line}: "), errors
+    assert message in errors[0]
+
+
+def write_bad_policy(directory: Path, before: str, after: str, needle: str, message: str) -> int:
+    """Write VALID_POLICY with one edit; return the line the error must name."""
     assert before in VALID_POLICY
-    text = VALID_POLICY.replace(before, after, 1)
-    write_policy(tmp_path, text=text)
-    rendered = (tmp_path / "mesh.yaml").read_text()
+    write_policy(directory, text=VALID_POLICY.replace(before, after, 1))
+    rendered = (directory / "mesh.yaml").read_text()
     # The duplicate is reported at its second occurrence.
     line = (
         line_of(rendered, needle)
         if "duplicate" not in message
         else rendered.count("\n", 0, rendered.rindex(needle.strip())) + 1
     )
-    errors = errors_of(tmp_path)
-    assert len(errors) == 1, errors
-    assert errors[0].startswith(f"{tmp_path}/mesh.yaml:{line}: "), errors
-    assert message in errors[0]
+    return line
 
 
 def test_every_problem_is_reported_in_one_pass(tmp_path: Path) -> None:
@@ -264,21 +269,24 @@ def _meshward(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_meshward_check_cli(tmp_path: Path) -> None:
+def test_meshward_check_cli_accepts_good_and_names_file_line_of_each_bad_class(
+    tmp_path: Path,
+) -> None:
     good = write_policy(tmp_path / "good")
     ok = _meshward("check", str(good), cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert "OK, version" in ok.stdout
 
-    bad = write_policy(
-        tmp_path / "bad",
-        text=VALID_POLICY.replace("    role: catalog-reader", "    role: catalog-writer"),
-    )
-    result = _meshward("check", str(bad), cwd=tmp_path)
+    expected = []
+    for case in BAD_CASES:
+        before, after, needle, message = case.values
+        directory = tmp_path / str(case.id)
+        line = write_bad_policy(directory, before, after, needle, message)
+        expected.append((f"{directory}/mesh.yaml:{line}: ", message))
+    result = _meshward("check", *(str(tmp_path / str(c.id)) for c in BAD_CASES), cwd=tmp_path)
     assert result.returncode == 1
-    line = line_of((bad / "mesh.yaml").read_text(), "role: catalog-writer")
-    assert (
-        f"{bad}/mesh.yaml:{line}: bindings[1].role: role 'catalog-writer' is not defined"
-        in result.stderr
-    )
+    lines = result.stderr.splitlines()
+    for prefix, message in expected:
+        assert any(ln.startswith(prefix) and message in ln for ln in lines), (prefix, message)
     assert "Traceback" not in result.stderr
+    assert sum("the policy was not accepted" in ln for ln in lines) == len(BAD_CASES)
