@@ -167,7 +167,7 @@ def start_baseline(workers: int) -> tuple[Any, int]:
 
 def workload(count: int) -> tuple[Any, list[bytes], dict[str, int]]:
     """The demo-like policy and CheckRequests with valid RS256 tokens for a subject mix."""
-    from authz import testing
+    from tests import authz_helpers as testing
 
     key = testing.rsa_key("bench")
     policy = testing.demo_policy(testing.jwks(key))

@@ -19,7 +19,7 @@ import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
-from authz import testing
+from tests import authz_helpers as testing
 
 pytestmark = pytest.mark.integration
 

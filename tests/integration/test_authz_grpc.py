@@ -20,10 +20,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
-from authz import reasons, testing
+from authz import reasons
 from authz.server import SERVICE_NAME, AuthzService
 from authz.tracing import SPAN_NAME, setup_tracer_provider
 from meshward.policy.model import Binding
+from tests import authz_helpers as testing
 
 pytestmark = pytest.mark.integration
 

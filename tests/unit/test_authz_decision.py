@@ -11,7 +11,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from opentelemetry.sdk.trace import TracerProvider
 
-from authz import reasons, testing
+from authz import reasons
 from authz.check import Checker
 from authz.compiled import CompiledPolicy, compile_policy
 from authz.decision import Decision, decide
@@ -19,6 +19,7 @@ from authz.identity.base import Identity
 from authz.request import AuthzRequest
 from authz.response import to_check_response
 from meshward.policy.model import Policy
+from tests import authz_helpers as testing
 
 NOW = 1_800_000_000.0
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from authz import testing
 from authz.decision import Decision
 from authz.decision_log import DecisionLog
 from authz.request import AuthzRequest
 from meshward.logs import JsonFormatter
+from tests import authz_helpers as testing
 
 REQUEST = AuthzRequest.from_check_request(
     testing.check_request("GET", "/orders/1?x", {"x-request-id": "rid"})

@@ -12,11 +12,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from joserfc import jwt
 
-from authz import reasons, testing
+from authz import reasons
 from authz.identity.base import AuthenticationError, Identity
 from authz.identity.jwt import JwtMethod
 from authz.request import AuthzRequest
 from meshward.policy.model import Issuer
+from tests import authz_helpers as testing
 
 NOW = 1_800_000_000.0
 

@@ -128,8 +128,8 @@ def test_rule_match_str() -> None:
 
 
 def test_authorize_reads_method_path_and_service_of_the_request(rbac: RbacIndex) -> None:
-    from authz import testing
     from authz.request import AuthzRequest
+    from tests import authz_helpers as testing
 
     def request(method: str, path: str, service: str) -> AuthzRequest:
         message = testing.check_request(method, path, route="r", service=service)

@@ -13,12 +13,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from authz import reasons, testing
+from authz import reasons
 from authz.check import Checker
 from authz.compiled import CompiledPolicy, compile_policy
 from authz.decision_log import LOGGER_NAME
 from authz.tracing import SPAN_NAME, setup_tracer_provider
 from meshward.logs import setup
+from tests import authz_helpers as testing
 
 META_TRACE = "0af7651916cd43dd8448eb211c80319c"
 META_SPAN = "b7ad6b7169203331"

@@ -1,4 +1,4 @@
-"""Helpers for tests and benchmarks: signing keys, JWTs, CheckRequests, a demo policy.
+"""Helpers for authz tests and benchmarks: signing keys, JWTs, CheckRequests, a demo policy.
 
 Never imported by the service itself. Keys are generated in memory on every run; none
 is ever written to disk.
