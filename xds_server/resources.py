@@ -17,21 +17,29 @@ CLUSTER = _PREFIX + "envoy.config.cluster.v3.Cluster"
 ENDPOINT = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = _PREFIX + "envoy.config.listener.v3.Listener"
 ROUTE = _PREFIX + "envoy.config.route.v3.RouteConfiguration"
+#: meshward's own resource: the compiled policy, served to authz replicas over ADS.
+POLICY = _PREFIX + "meshward.v1.PolicyResource"
 
-#: Push order for a new snapshot on one stream: CDS, EDS, LDS, RDS.
-PUSH_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+#: Push order for a new snapshot on one stream: CDS, EDS, LDS, RDS (then meshward's own).
+PUSH_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE, POLICY)
 
 #: State-of-the-world types: every response carries *all* resources of the type and a
 #: name missing from a response is a deletion. The other types (RDS, EDS, later SDS)
 #: carry only the names the client asked for.
-WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
+WILDCARD_TYPES = frozenset({CLUSTER, LISTENER, POLICY})
 
 #: Types whose dropped resources are removed only after the rest of a push (make before
 #: break): routes may still point at a cluster until the new RDS arrives.
 REMOVE_LAST_TYPES = frozenset({CLUSTER})
 
 #: Short names for logs, metrics labels and status pages.
-SHORT_NAMES: dict[str, str] = {CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
+SHORT_NAMES: dict[str, str] = {
+    CLUSTER: "cds",
+    ENDPOINT: "eds",
+    LISTENER: "lds",
+    ROUTE: "rds",
+    POLICY: "policy",
+}
 
 
 def short_name(type_url: str) -> str:

@@ -21,7 +21,7 @@ from meshward.http_status import parse_listen
 from meshward.policy.model import Policy
 from xds_server.cache import Snapshot, SnapshotCache
 from xds_server.server import AdsServer, XdsMetrics
-from xds_server.translator import snapshot_version, translate
+from xds_server.translator import DEFAULT_AUTHZ_FAILURE_STATUS, snapshot_version, translate
 
 log = logging.getLogger("meshward.xds")
 
@@ -39,10 +39,13 @@ class XdsService:
         policy: Policy,
         authz_endpoints: Sequence[tuple[str, int]],
         listen: str = "127.0.0.1:0",
+        *,
+        authz_failure_status: int = DEFAULT_AUTHZ_FAILURE_STATUS,
     ) -> None:
         parse_listen(listen)  # fail early, naming the bad input
         self.listen = listen
         self.authz_endpoints = tuple((str(h), int(p)) for h, p in authz_endpoints)
+        self.authz_failure_status = authz_failure_status
         self.registry = CollectorRegistry()
         self.cache = SnapshotCache()
         self._metrics = XdsMetrics(self.registry)
@@ -126,8 +129,9 @@ class XdsService:
         }
 
     def _apply(self, policy: Policy) -> None:
-        version = snapshot_version(policy, self.authz_endpoints)
-        groups = translate(policy, self.authz_endpoints)
+        options = {"authz_failure_status": self.authz_failure_status}
+        version = snapshot_version(policy, self.authz_endpoints, **options)
+        groups = translate(policy, self.authz_endpoints, **options)
         snapshots = {group: Snapshot.build(version, res) for group, res in groups.items()}
         for group in self.cache.groups():
             if group not in snapshots:

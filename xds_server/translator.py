@@ -76,23 +76,43 @@ _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions
 GroupResources = dict[str, list[Message]]
 
 
+#: HTTP statuses Envoy may answer with when authz cannot be reached (fail closed).
+AUTHZ_FAILURE_STATUSES = {
+    403: http_status_pb2.StatusCode.Forbidden,
+    503: http_status_pb2.StatusCode.ServiceUnavailable,
+}
+DEFAULT_AUTHZ_FAILURE_STATUS = 403
+
+
 def translate(
-    policy: Policy, authz_endpoints: Sequence[tuple[str, int]] = DEFAULT_AUTHZ_ENDPOINTS
+    policy: Policy,
+    authz_endpoints: Sequence[tuple[str, int]] = DEFAULT_AUTHZ_ENDPOINTS,
+    *,
+    authz_failure_status: int = DEFAULT_AUTHZ_FAILURE_STATUS,
 ) -> dict[str, GroupResources]:
     """Translate ``policy`` into Envoy resources for every node group (gateway name).
 
-    ``authz_endpoints`` are the (host, port) pairs of the ext_authz service. Raises
+    ``authz_endpoints`` are the (host, port) pairs of the ext_authz service;
+    ``authz_failure_status`` (403 or 503) is what Envoy answers when authz cannot be
+    reached or fails: Envoy always fails closed (``failure_mode_allow: false``). Raises
     ``ValueError`` if the policy references a service it does not define or names a
     service like the authz cluster (the loader rejects both first).
     """
+    if authz_failure_status not in AUTHZ_FAILURE_STATUSES:
+        raise ValueError(
+            f"authz failure status {authz_failure_status} is not supported; use 403 or 503"
+        )
     return {
-        gateway.name: _gateway_resources(policy, gateway, authz_endpoints)
+        gateway.name: _gateway_resources(policy, gateway, authz_endpoints, authz_failure_status)
         for gateway in policy.gateways
     }
 
 
 def snapshot_version(
-    policy: Policy, authz_endpoints: Sequence[tuple[str, int]] = DEFAULT_AUTHZ_ENDPOINTS
+    policy: Policy,
+    authz_endpoints: Sequence[tuple[str, int]] = DEFAULT_AUTHZ_ENDPOINTS,
+    *,
+    authz_failure_status: int = DEFAULT_AUTHZ_FAILURE_STATUS,
 ) -> str:
     """The ``version_info`` of the snapshots built from these inputs.
 
@@ -101,14 +121,20 @@ def snapshot_version(
     endpoints is a new version even though the policy did not change.
     """
     endpoints = [[host, port] for host, port in authz_endpoints]
-    if endpoints == [[h, p] for h, p in DEFAULT_AUTHZ_ENDPOINTS]:
+    inputs: list[object] = [endpoints]
+    if authz_failure_status != DEFAULT_AUTHZ_FAILURE_STATUS:
+        inputs.append(authz_failure_status)
+    if inputs == [[[h, p] for h, p in DEFAULT_AUTHZ_ENDPOINTS]]:
         return policy.version
-    digest = hashlib.sha256(json.dumps(endpoints).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
     return f"{policy.version}-{digest[:8]}"
 
 
 def _gateway_resources(
-    policy: Policy, gateway: Gateway, authz_endpoints: Sequence[tuple[str, int]]
+    policy: Policy,
+    gateway: Gateway,
+    authz_endpoints: Sequence[tuple[str, int]],
+    authz_failure_status: int,
 ) -> GroupResources:
     clusters: list[Message] = []
     assignments: list[Message] = []
@@ -140,7 +166,7 @@ def _gateway_resources(
     return {
         rs.CLUSTER: clusters,
         rs.ENDPOINT: assignments,
-        rs.LISTENER: [_listener(gateway)],
+        rs.LISTENER: [_listener(gateway, authz_failure_status)],
         rs.ROUTE: [_route_configuration(policy, gateway)],
     }
 
@@ -199,7 +225,7 @@ def _ads_config_source() -> config_source_pb2.ConfigSource:
     )
 
 
-def _listener(gateway: Gateway) -> listener_pb2.Listener:
+def _listener(gateway: Gateway, authz_failure_status: int) -> listener_pb2.Listener:
     ext_authz = ext_authz_pb2.ExtAuthz(
         grpc_service=grpc_service_pb2.GrpcService(
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
@@ -207,7 +233,9 @@ def _listener(gateway: Gateway) -> listener_pb2.Listener:
         ),
         transport_api_version=config_source_pb2.ApiVersion.V3,
         failure_mode_allow=False,
-        status_on_error=http_status_pb2.HttpStatus(code=http_status_pb2.StatusCode.Forbidden),
+        status_on_error=http_status_pb2.HttpStatus(
+            code=AUTHZ_FAILURE_STATUSES[authz_failure_status]
+        ),
     )
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix=gateway.name,
