@@ -2,8 +2,9 @@
 
 Loads the policy (errors go to stderr as ``file:line: message``, exit 2), serves ADS on
 ``--listen`` and ``/healthz``, ``/metrics``, ``/status`` on ``--status-listen``, and
-stops cleanly on SIGTERM/SIGINT. SIGHUP reloads the policy; a bad policy is logged and
-the last good one keeps serving.
+stops cleanly on SIGTERM/SIGINT. Edits to the policy directory are picked up live
+(debounced; ``--no-watch`` turns that off) and SIGHUP forces a reload; a bad edit is
+rejected with its ``file:line`` errors and the last good policy keeps serving.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 
 from meshward.http_status import StatusServer, parse_listen
 from meshward.logs import setup
+from xds_server.reloader import PolicyReloader
 from xds_server.service import XdsService
+from xds_server.translator import AUTHZ_FAILURE_STATUSES, DEFAULT_AUTHZ_FAILURE_STATUS
 
 DEFAULT_LISTEN = "127.0.0.1:18000"
 DEFAULT_STATUS_LISTEN = "127.0.0.1:18001"
@@ -52,6 +55,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="address of /healthz, /metrics and /status",
     )
     parser.add_argument(
+        "--authz-failure-status",
+        type=int,
+        choices=sorted(AUTHZ_FAILURE_STATUSES),
+        default=DEFAULT_AUTHZ_FAILURE_STATUS,
+        help="HTTP status Envoy answers when authz is unreachable (always fail closed; "
+        f"default {DEFAULT_AUTHZ_FAILURE_STATUS})",
+    )
+    parser.add_argument(
+        "--no-watch", action="store_true", help="do not reload on policy file changes"
+    )
+    parser.add_argument(
+        "--debounce-ms",
+        type=int,
+        default=100,
+        metavar="MS",
+        help="quiet time that ends a burst of policy file edits (default 100)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     parser.set_defaults(func=run)
@@ -78,7 +99,12 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     async def serve() -> int:
-        service = XdsService(policy, authz, listen=args.listen)
+        service = XdsService(
+            policy, authz, listen=args.listen, authz_failure_status=args.authz_failure_status
+        )
+        reloader = PolicyReloader(
+            args.policy, service.set_policy, policy, service.registry, args.debounce_ms
+        )
         try:
             port = await service.start()
         except (OSError, RuntimeError) as exc:
@@ -88,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 
         def status_from_thread() -> dict[str, Any]:
             async def snapshot() -> dict[str, Any]:
-                return service.status()
+                return {"policy": reloader.status(), **service.status()}
 
             return asyncio.run_coroutine_threadsafe(snapshot(), loop).result(timeout=5)
 
@@ -112,26 +138,16 @@ def run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
 
-        async def reload() -> None:
-            try:
-                new_policy = load_policy(args.policy)
-                await service.set_policy(new_policy)
-            except PolicyError as exc:
-                log.error(
-                    "policy reload rejected; the last good policy keeps serving",
-                    extra={"errors": str(exc).splitlines(), "version": service.version},
-                )
-            except ValueError as exc:
-                log.error("policy reload failed in translation", extra={"error": str(exc)})
+        tasks: set[asyncio.Task[Any]] = set()
 
-        reloads: set[asyncio.Task[None]] = set()
+        def background(coro: Any) -> None:
+            task = asyncio.create_task(coro)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
-        def on_hup() -> None:
-            task = asyncio.create_task(reload())
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
-
-        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        loop.add_signal_handler(signal.SIGHUP, lambda: background(reloader.reload("SIGHUP")))
+        if not args.no_watch:
+            background(reloader.watch(stop))
         log.info(
             "xds server listening",
             extra={
@@ -140,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
                 "version": service.version,
                 "gateways": [g.name for g in policy.gateways],
                 "authz": [f"{h}:{p}" for h, p in authz],
+                "watching": None if args.no_watch else str(args.policy),
             },
         )
         try:
@@ -148,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             log.info("xds server stopping")
+            for task in list(tasks):
+                task.cancel()
             await service.stop()
             status.stop()
         return EXIT_OK
