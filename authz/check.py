@@ -5,9 +5,10 @@ and metrics: parse once, decide (pure), respond. Any serving engine (the stock g
 server in :mod:`authz.server`, or a faster loop later) only has to hand it the decoded
 request — or ``None`` when the bytes did not decode — and the call metadata.
 
-It fails closed: an undecodable request gets a 403 ``malformed_request`` deny and an
-internal error a 500 ``internal_error`` deny (span status ERROR, traceback in the
-process log), never an exception to the client.
+It fails closed: an undecodable request gets a 403 ``malformed_request`` deny, a
+Check before any policy arrived a 503 ``no_policy`` deny, and an internal error a 500
+``internal_error`` deny (span status ERROR, traceback in the process log), never an
+exception to the client.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ _log = logging.getLogger("meshward.authz")
 
 
 class Checker:
-    """Decides Checks with the current compiled policy; swap it with :attr:`policy`."""
+    """Decides Checks with the current compiled policy; swap it with :attr:`policy`
+    (``None``: no policy yet, every Check is denied with ``no_policy``)."""
 
     def __init__(
         self,
-        policy: CompiledPolicy,
+        policy: CompiledPolicy | None,
         tracer: trace.Tracer,
         metrics: AuthzMetrics | None = None,
         decision_log: DecisionLog | None = None,
@@ -59,9 +61,14 @@ class Checker:
         policy = self.policy  # read once: a reload mid-check does not mix policies
         request: AuthzRequest | None = None
         internal_error = False
+        version = policy.version if policy is not None else ""
         try:
-            if message is None:
-                decision = failure_decision(reasons.MALFORMED_REQUEST, policy.version)
+            if policy is None:
+                if message is not None:  # parsed only for the span and decision log
+                    request = AuthzRequest.from_check_request(message)
+                decision = failure_decision(reasons.NO_POLICY, version, 503)
+            elif message is None:
+                decision = failure_decision(reasons.MALFORMED_REQUEST, version)
             else:
                 request = AuthzRequest.from_check_request(message)
                 decision = decide(request, policy, start_ns / 1e9)
@@ -69,7 +76,7 @@ class Checker:
         except Exception:
             _log.exception("check failed; denying")
             internal_error = True
-            decision = failure_decision(reasons.INTERNAL_ERROR, policy.version, 500)
+            decision = failure_decision(reasons.INTERNAL_ERROR, version, 500)
             response = to_check_response(decision)
         self._report(
             decision,

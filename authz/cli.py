@@ -1,9 +1,15 @@
 """``meshward authz``: run the ext_authz service until SIGTERM/SIGINT.
 
+The policy comes from a directory (``--policy DIR``, the default, for standalone use)
+or from the xDS server (``--xds HOST:PORT``, see :mod:`authz.policy_source`). With
+``--xds`` the gRPC server starts at once but fails closed until the first policy
+arrives: health NOT_SERVING, ``/healthz`` 503, every Check denied with 503
+``no_policy``.
+
 Exit codes: 0 after a clean stop, 2 for input errors (policy rejected, bad flags),
 1 when the service cannot start (address in use, broken install). SIGHUP reloads the
-policy directory; a policy that does not load is logged and the last good one keeps
-serving.
+policy directory (ignored with ``--xds``); a policy that does not load is logged and
+the last good one keeps serving. ``/status`` shows the policy version and source.
 """
 
 from __future__ import annotations
@@ -14,10 +20,15 @@ import queue
 import signal
 import sys
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from authz.policy_source import XdsPolicySource
 
 #: How long in-flight Checks may take to finish on shutdown (seconds).
 SHUTDOWN_GRACE = 5.0
+#: The policy directory when neither --policy nor --xds is given.
+DEFAULT_POLICY_DIR = "policies"
 
 
 def _positive_int(text: str) -> int:
@@ -33,10 +44,29 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "authz",
         help="run the ext_authz (Envoy Authorization/Check) service",
         description="Serve envoy.service.auth.v3.Authorization/Check for the policy in "
-        "--policy, with /healthz and /metrics on --status-listen. OTLP trace export is "
-        "on when OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set.",
+        "--policy or the one the xDS server at --xds serves, with /healthz, /metrics and "
+        "/status on --status-listen. OTLP trace export is on when "
+        "OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set.",
     )
-    parser.add_argument("--policy", default="policies", metavar="DIR", help="policy directory")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--policy",
+        default=None,
+        metavar="DIR",
+        help=f"policy directory (default: {DEFAULT_POLICY_DIR})",
+    )
+    source.add_argument(
+        "--xds",
+        default=None,
+        metavar="HOST:PORT",
+        help="get the policy from this meshward xDS server over ADS instead of a directory",
+    )
+    parser.add_argument(
+        "--node-id",
+        default=None,
+        metavar="ID",
+        help="ADS node id with --xds (default: authz-<hostname>-<pid>)",
+    )
     parser.add_argument(
         "--listen", default="127.0.0.1:9191", metavar="HOST:PORT", help="gRPC listen address"
     )
@@ -47,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--status-listen",
         default="127.0.0.1:9192",
         metavar="HOST:PORT",
-        help="address of /healthz and /metrics",
+        help="address of /healthz, /metrics and /status",
     )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
@@ -63,19 +93,29 @@ def run(args: argparse.Namespace) -> int:
     from meshward.logs import setup
     from meshward.policy.errors import PolicyError
     from meshward.policy.loader import load_policy
+    from meshward.policy.model import Policy
 
     log = setup(args.log_level, "meshward.authz")
-    for flag, value in (("--listen", args.listen), ("--status-listen", args.status_listen)):
+    addresses = [("--listen", args.listen), ("--status-listen", args.status_listen)]
+    if args.xds is not None:
+        addresses.append(("--xds", args.xds))
+    for flag, value in addresses:
         try:
             parse_listen(value)
         except ValueError as error:
             print(f"meshward authz: {flag}: {error}", file=sys.stderr)
             return 2
-    try:
-        policy = load_policy(args.policy)
-    except PolicyError as error:
-        print(f"meshward authz: policy {args.policy} rejected:\n{error}", file=sys.stderr)
+    if args.node_id is not None and args.xds is None:
+        print("meshward authz: --node-id only applies with --xds HOST:PORT", file=sys.stderr)
         return 2
+    policy_dir = args.policy if args.policy is not None else DEFAULT_POLICY_DIR
+    policy: Policy | None = None
+    if args.xds is None:
+        try:
+            policy = load_policy(policy_dir)
+        except PolicyError as error:
+            print(f"meshward authz: policy {policy_dir} rejected:\n{error}", file=sys.stderr)
+            return 2
     try:
         provider = setup_tracer_provider("meshward-authz")
     except TracingSetupError as error:
@@ -83,13 +123,23 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
     service = AuthzService(
-        policy,
+        policy,  # None with --xds: fail closed until the xDS server sends one
         provider.get_tracer("meshward.authz"),
         listen=args.listen,
         workers=args.workers,
     )
+    xds: XdsPolicySource | None = None
+
+    def status_page() -> dict[str, Any]:
+        page = {**service.status(), "source": "xds" if args.xds else "file"}
+        if xds is not None:
+            page["xds"] = xds.status()
+        else:
+            page["policy_dir"] = policy_dir
+        return page
+
     status = StatusServer(
-        service.registry, service.serving, args.status_listen, routes={"/status": service.status}
+        service.registry, service.serving, args.status_listen, routes={"/status": status_page}
     )
     events: queue.SimpleQueue[str] = queue.SimpleQueue()
     previous = _install_signal_handlers(events)
@@ -100,9 +150,27 @@ def run(args: argparse.Namespace) -> int:
         except (ListenError, OSError) as error:
             print(f"meshward authz: {error}", file=sys.stderr)
             return 1
+        if args.xds is not None:
+            from authz.policy_source import XdsPolicySource
+
+            xds = XdsPolicySource(
+                service,
+                args.xds,
+                authz_listen=_with_port(args.listen, port),
+                node_id=args.node_id,
+                registry=service.registry,
+            )
+            xds.start()
         log.info(
             "authz started",
-            extra={"port": port, "status_port": status_port, "policy_version": policy.version},
+            extra={
+                "port": port,
+                "status_port": status_port,
+                "policy_version": service.policy_version,
+                "policy_source": "xds" if xds is not None else "file",
+                "xds": args.xds,
+                "node": xds.node.id if xds is not None else None,
+            },
         )
         while True:
             try:
@@ -111,14 +179,27 @@ def run(args: argparse.Namespace) -> int:
                 continue
             if event == "stop":
                 break
-            _reload(service, args.policy, load_policy, PolicyError, log)
+            if xds is not None:
+                log.info("SIGHUP ignored: the policy comes from the xDS server")
+                continue
+            _reload(service, policy_dir, load_policy, PolicyError, log)
         log.info("authz stopping")
         return 0
     finally:
+        if xds is not None:
+            xds.stop()
         service.stop(SHUTDOWN_GRACE)
         status.stop()
         provider.shutdown()  # flushes batched spans
         _restore_signal_handlers(previous)
+
+
+def _with_port(listen: str, port: int) -> str:
+    """``listen`` with its port replaced by the bound ``port`` (``--listen HOST:0``)."""
+    from meshward.http_status import parse_listen
+
+    host, _ = parse_listen(listen)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _reload(

@@ -36,6 +36,8 @@ FORBIDDEN = "forbidden"
 MALFORMED_REQUEST = "malformed_request"
 #: authz failed internally; it fails closed.
 INTERNAL_ERROR = "internal_error"
+#: authz has no policy yet (waiting for the first one from the xDS server): HTTP 503.
+NO_POLICY = "no_policy"
 
 #: Codes that mean "a credential was presented but is not acceptable" (HTTP 401 with
 #: ``error="invalid_token"``).
@@ -54,6 +56,6 @@ INVALID_CREDENTIAL = frozenset(
 
 #: Every reason code.
 ALL = frozenset(
-    {ALLOWED, NO_ROUTE, MISSING_TOKEN, FORBIDDEN, MALFORMED_REQUEST, INTERNAL_ERROR}
+    {ALLOWED, NO_ROUTE, MISSING_TOKEN, FORBIDDEN, MALFORMED_REQUEST, INTERNAL_ERROR, NO_POLICY}
     | INVALID_CREDENTIAL
 )

@@ -9,7 +9,9 @@ code, so a faster engine can replace it without touching decisions.
 not decode as a ``CheckRequest`` reach the checker as ``None`` and get a deny, not a
 gRPC error (which Envoy would treat as a transport failure). The standard
 ``grpc.health.v1`` service reports SERVING for ``""`` and the Authorization service
-while started, NOT_SERVING once stopping.
+while started *with a policy*, NOT_SERVING before the first policy (a service built
+with ``policy=None`` waits for one from the xDS server and denies every Check with
+503 ``no_policy`` meanwhile) and once stopping.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
 from authz.check import Checker
-from authz.compiled import compile_policy
+from authz.compiled import CompiledPolicy, compile_policy
 from authz.decision_log import DecisionLog
 from authz.metrics import AuthzMetrics
 from meshward.policy.model import Policy
@@ -61,13 +63,14 @@ def _parse_check_request(data: bytes) -> external_auth_pb2.CheckRequest | _Undec
 class AuthzService:
     """The ext_authz gRPC service for one policy at a time.
 
-    Build it, :meth:`start` it (returns the bound port), :meth:`set_policy` on every
-    reload, :meth:`stop` on exit. Metrics live in :attr:`registry`.
+    Build it (``policy=None``: fail closed until the first :meth:`set_policy`),
+    :meth:`start` it (returns the bound port), :meth:`set_policy` on every reload,
+    :meth:`stop` on exit. Metrics live in :attr:`registry`.
     """
 
     def __init__(
         self,
-        policy: Policy,
+        policy: Policy | None,
         tracer: trace.Tracer,
         listen: str = "127.0.0.1:0",
         workers: int = 4,
@@ -81,12 +84,15 @@ class AuthzService:
         self._workers = workers
         self._policy = policy
         self._decision_log = DecisionLog()
-        self._checker = Checker(compile_policy(policy), tracer, self._metrics, self._decision_log)
-        self._metrics.policy_loaded(policy.version)
+        compiled = compile_policy(policy) if policy is not None else None
+        self._checker = Checker(compiled, tracer, self._metrics, self._decision_log)
+        if policy is not None:
+            self._metrics.policy_loaded(policy.version)
         self._health = health.HealthServicer()
         self._server: Any = None
+        self._stopping = False
         self._port = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -122,9 +128,8 @@ class AuthzService:
             if port == 0:
                 raise ListenError(f"cannot listen on {self._listen}")
             server.start()
-            for name in ("", SERVICE_NAME):
-                self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
             self._server = server
+            self._set_health()
             self._port = int(port)
             _log.info(
                 "authz serving",
@@ -140,6 +145,7 @@ class AuthzService:
         """Report NOT_SERVING, stop taking calls, let in-flight ones finish (≤ grace s)."""
         with self._lock:
             server, self._server = self._server, None
+            self._stopping = True
         if server is None:
             return
         self._health.enter_graceful_shutdown()
@@ -153,20 +159,25 @@ class AuthzService:
         return self._port
 
     @property
-    def policy_version(self) -> str:
-        return self._checker.policy.version
+    def policy_version(self) -> str | None:
+        """The version Checks are decided with; ``None`` before the first policy."""
+        compiled = self._checker.policy
+        return compiled.version if compiled is not None else None
 
     def serving(self) -> bool:
-        """True while started (for ``/healthz``)."""
-        return self._server is not None
+        """True while started and holding a policy (for ``/healthz``)."""
+        return self._server is not None and self._checker.policy is not None
 
-    def set_policy(self, policy: Policy) -> None:
-        """Compile ``policy`` and swap it in atomically; in-flight checks finish on the
-        old one. A compile error leaves the old policy serving and propagates."""
-        compiled = compile_policy(policy)
+    def set_policy(self, policy: Policy, compiled: CompiledPolicy | None = None) -> None:
+        """Swap ``policy`` in atomically (compiled here unless ``compiled`` is given);
+        in-flight checks finish on the old one. A compile error leaves the old policy
+        serving and propagates. The first policy turns health to SERVING."""
+        if compiled is None:
+            compiled = compile_policy(policy)
         self._checker.policy = compiled
         self._policy = policy
         self._metrics.policy_loaded(compiled.version)
+        self._set_health()
         _log.info("policy loaded", extra={"policy_version": compiled.version})
 
     def status(self) -> dict[str, Any]:
@@ -176,8 +187,21 @@ class AuthzService:
             "port": self._port,
             "workers": self._workers,
             "policy_version": self.policy_version,
-            "policy_files": list(self._policy.files),
+            "policy_files": list(self._policy.files) if self._policy is not None else [],
         }
+
+    def _set_health(self) -> None:
+        """SERVING once started with a policy, NOT_SERVING before; frozen once stopping."""
+        with self._lock:
+            if self._stopping or self._server is None:
+                return
+            state = (
+                health_pb2.HealthCheckResponse.SERVING
+                if self._checker.policy is not None
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for name in ("", SERVICE_NAME):
+                self._health.set(name, state)
 
     # -- gRPC --------------------------------------------------------------------
 

@@ -59,8 +59,17 @@ def type_url_of(message: Message) -> str:
     return _PREFIX + message.DESCRIPTOR.full_name
 
 
+#: Types with one resource per snapshot and no name field: the fixed name it goes by.
+SINGLETON_NAMES: dict[str, str] = {POLICY: "policy"}
+
+
 def resource_name(message: Message) -> str:
-    """The xDS name of a resource (``cluster_name`` for a ClusterLoadAssignment)."""
-    if message.DESCRIPTOR.full_name == "envoy.config.endpoint.v3.ClusterLoadAssignment":
+    """The xDS name of a resource: ``cluster_name`` for a ClusterLoadAssignment, the
+    fixed :data:`SINGLETON_NAMES` entry for a singleton type, else ``name``."""
+    full_name = message.DESCRIPTOR.full_name
+    if full_name == "envoy.config.endpoint.v3.ClusterLoadAssignment":
         return str(getattr(message, "cluster_name"))  # noqa: B009
+    singleton = SINGLETON_NAMES.get(_PREFIX + full_name)
+    if singleton is not None:
+        return singleton
     return str(getattr(message, "name"))  # noqa: B009

@@ -18,6 +18,12 @@ the ``node.cluster`` its Envoys announce). For each gateway:
   (Envoy marks ``context_extensions`` sensitive: ``/config_dump`` shows the keys with
   ``[redacted]`` values; authz receives the real values.)
 
+Plus one node group for authz replicas, :data:`AUTHZ_GROUP` (the ``node.cluster`` that
+:mod:`authz.policy_source` announces), holding exactly one
+``meshward.v1.PolicyResource`` named :data:`POLICY_RESOURCE_NAME`: the whole policy
+(JWKS included) as canonical JSON plus its version (:mod:`meshward.policy.wire`). The
+loader reserves gateway names starting with ``meshward-`` so no gateway can take it.
+
 Requests that match no route: the router answers ``404`` and no
 upstream is contacted. ``ext_authz`` is *not* consulted for them: Envoy's ext_authz
 filter skips the check when the request has no route (verified with Envoy 1.40 in
@@ -56,6 +62,7 @@ from google.protobuf.message import Message
 from google.protobuf.wrappers_pb2 import BoolValue
 
 from meshward import route_context
+from meshward.policy import wire
 from meshward.policy.model import Gateway, Policy, Route
 from xds_server import resources as rs
 
@@ -65,6 +72,10 @@ AUTHZ_CLUSTER = "meshward_authz"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 ROUTER_FILTER = "envoy.filters.http.router"
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
+#: The node group (``node.cluster``) of authz replicas: they get the policy over ADS.
+AUTHZ_GROUP = wire.AUTHZ_GROUP
+#: The name of the one policy resource in :data:`AUTHZ_GROUP`.
+POLICY_RESOURCE_NAME = rs.SINGLETON_NAMES[rs.POLICY]
 #: Where authz listens when nothing else is said (``meshward xds --authz``).
 DEFAULT_AUTHZ_ENDPOINTS: tuple[tuple[str, int], ...] = (("127.0.0.1", 9191),)
 
@@ -90,22 +101,29 @@ def translate(
     *,
     authz_failure_status: int = DEFAULT_AUTHZ_FAILURE_STATUS,
 ) -> dict[str, GroupResources]:
-    """Translate ``policy`` into Envoy resources for every node group (gateway name).
+    """Translate ``policy`` into resources for every node group: Envoy resources per
+    gateway name, and the policy resource for :data:`AUTHZ_GROUP`.
 
     ``authz_endpoints`` are the (host, port) pairs of the ext_authz service;
     ``authz_failure_status`` (403 or 503) is what Envoy answers when authz cannot be
     reached or fails: Envoy always fails closed (``failure_mode_allow: false``). Raises
-    ``ValueError`` if the policy references a service it does not define or names a
-    service like the authz cluster (the loader rejects both first).
+    ``ValueError`` if the policy references a service it does not define, names a
+    service like the authz cluster, or names a gateway like the authz group (the loader
+    rejects all of these first).
     """
     if authz_failure_status not in AUTHZ_FAILURE_STATUSES:
         raise ValueError(
             f"authz failure status {authz_failure_status} is not supported; use 403 or 503"
         )
-    return {
-        gateway.name: _gateway_resources(policy, gateway, authz_endpoints, authz_failure_status)
-        for gateway in policy.gateways
-    }
+    groups: dict[str, GroupResources] = {}
+    for gateway in policy.gateways:
+        if gateway.name == AUTHZ_GROUP:
+            raise ValueError(f"gateway name {gateway.name!r} is reserved for authz replicas")
+        groups[gateway.name] = _gateway_resources(
+            policy, gateway, authz_endpoints, authz_failure_status
+        )
+    groups[AUTHZ_GROUP] = {rs.POLICY: [wire.to_resource(policy)]}
+    return groups
 
 
 def snapshot_version(

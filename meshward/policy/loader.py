@@ -3,7 +3,7 @@
 The loader reads YAML as a *node tree* (``yaml.compose``), not as plain data, so every
 value still knows its line. It never stops at the first problem: it reports every
 issue it can find in one pass (unknown or duplicate keys, wrong types, bad values,
-dangling references, duplicate names, unreadable JWKS files) as
+dangling references, duplicate or reserved names, unreadable JWKS files) as
 :class:`~meshward.policy.errors.PolicyIssue` objects, and raises one
 :class:`~meshward.policy.errors.PolicyError` holding all of them. A policy with any
 issue is never returned: callers keep serving the last good one.
@@ -54,6 +54,9 @@ _HOSTNAME_RE = re.compile(
     r"(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*$"
 )
 _HOST_PATTERN_RE = re.compile(r"^(\*\.)?[a-zA-Z0-9.-]+$|^\*$")
+#: Gateway names are Envoy node groups; this prefix is kept for meshward's own groups
+#: (``meshward-authz``: authz replicas fetching the policy over ADS).
+RESERVED_GROUP_PREFIX = "meshward-"
 _TOP_LEVEL = ("services", "gateways", "issuers", "roles", "bindings", "default")
 
 _STR = "tag:yaml.org,2002:str"
@@ -338,6 +341,13 @@ class _Reader:
         if fields is None:
             return None
         name = self.name(fields, what)
+        if name is not None and name.startswith(RESERVED_GROUP_PREFIX):
+            self.error(
+                fields["name"][1],
+                f"{what}.name: '{name}' is reserved: gateway names starting with "
+                f"'{RESERVED_GROUP_PREFIX}' are meshward's own node groups; rename the gateway",
+            )
+            name = None
         address = "127.0.0.1"
         if "address" in fields:
             value = self.string(fields["address"][1], f"{what}.address")

@@ -112,7 +112,9 @@ class Issuer:
     issuer: str
     audiences: tuple[str, ...]
     jwks: dict[str, Any] = field(compare=False, hash=False)
-    jwks_file: str = ""
+    #: Where the JWKS was read from: like ``source``, not part of the meaning (nor of
+    #: equality), so a policy received over xDS (no file) equals the loaded one.
+    jwks_file: str = field(default="", compare=False)
     algorithms: tuple[str, ...] = ("RS256", "ES256")
     subject_claim: str = "sub"
     groups_claim: str = "groups"

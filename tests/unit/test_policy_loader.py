@@ -290,3 +290,14 @@ def test_meshward_check_cli_accepts_good_and_names_file_line_of_each_bad_class(
         assert any(ln.startswith(prefix) and message in ln for ln in lines), (prefix, message)
     assert "Traceback" not in result.stderr
     assert sum("the policy was not accepted" in ln for ln in lines) == len(BAD_CASES)
+
+
+def test_gateway_names_starting_with_meshward_are_reserved(tmp_path: Path) -> None:
+    text = VALID_POLICY.replace("  - name: edge", "  - name: meshward-authz")
+    write_policy(tmp_path, text=text)
+    line = line_of(text, "name: meshward-authz")
+    assert errors_of(tmp_path) == [
+        f"{tmp_path}/mesh.yaml:{line}: gateways[0].name: 'meshward-authz' is reserved: "
+        "gateway names starting with 'meshward-' are meshward's own node groups; "
+        "rename the gateway"
+    ]

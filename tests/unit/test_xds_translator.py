@@ -17,6 +17,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf.message import Message
 
 from meshward import route_context
+from meshward.policy import wire
 from meshward.policy.model import (
     Binding,
     Endpoint,
@@ -33,6 +34,7 @@ from xds_server import resources as rs
 from xds_server.cache import Snapshot
 from xds_server.translator import (
     AUTHZ_CLUSTER,
+    AUTHZ_GROUP,
     DEFAULT_AUTHZ_ENDPOINTS,
     EXT_AUTHZ_FILTER,
     ROUTER_FILTER,
@@ -94,8 +96,10 @@ def _hcm(listener: listener_pb2.Listener) -> hcm_pb2.HttpConnectionManager:
 
 def test_one_node_group_per_gateway_with_every_type() -> None:
     groups = translate(_policy(), AUTHZ)
-    assert sorted(groups) == ["edge", "internal"]
-    for resources in groups.values():
+    assert sorted(groups) == ["edge", "internal", AUTHZ_GROUP]
+    for name, resources in groups.items():
+        if name == AUTHZ_GROUP:
+            continue
         assert set(resources) == {rs.CLUSTER, rs.ENDPOINT, rs.LISTENER, rs.ROUTE}
         # Snapshot-ready: every message sits under its own type URL.
         for type_url, messages in resources.items():
@@ -294,3 +298,33 @@ def test_translation_is_deterministic_and_builds_a_snapshot() -> None:
     snapshot = Snapshot.build("v1", first["edge"])
     assert snapshot.names(rs.LISTENER) == ("edge",)
     assert snapshot.names(rs.ENDPOINT) == ("orders", AUTHZ_CLUSTER)
+
+
+def test_authz_group_holds_exactly_the_policy_resource() -> None:
+    policy = _policy()
+    groups = translate(policy, AUTHZ)
+    assert AUTHZ_GROUP == "meshward-authz"
+    authz = groups[AUTHZ_GROUP]
+    assert set(authz) == {rs.POLICY}
+    [resource] = authz[rs.POLICY]
+    assert rs.type_url_of(resource) == rs.POLICY
+    assert rs.resource_name(resource) == "policy"
+    # Through the snapshot, as the ADS server sends it: one packed resource.
+    snapshot = Snapshot.build(snapshot_version(policy, AUTHZ), authz)
+    assert snapshot.names(rs.POLICY) == ("policy",)
+    assert snapshot.names(rs.LISTENER) == () and snapshot.names(rs.CLUSTER) == ()
+    packed = snapshot.resources(rs.POLICY)["policy"]
+    assert packed.type_url == rs.POLICY
+    received = wire.PolicyResource()
+    assert packed.Unpack(received)
+    decoded = wire.from_resource(received)
+    assert decoded == policy and decoded.version == policy.version
+    assert decoded.issuers[0].jwks == policy.issuers[0].jwks
+    # Gateway groups do not carry the policy.
+    assert rs.POLICY not in groups["edge"]
+
+
+def test_gateway_named_like_the_authz_group_is_an_error() -> None:
+    policy = Policy.build(gateways=(Gateway(AUTHZ_GROUP, 10002, ()),))
+    with pytest.raises(ValueError, match="reserved for authz"):
+        translate(policy, AUTHZ)
