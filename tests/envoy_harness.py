@@ -171,3 +171,63 @@ class EnvoyProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def config_section(dump: dict[str, Any], name: str) -> dict[str, Any]:
+    """One section of ``/config_dump`` by its type's short name (``ListenersConfigDump``)."""
+    for config in dump["configs"]:
+        if config["@type"].rsplit(".", 1)[-1] == name:
+            return dict(config)
+    raise KeyError(f"{name} not in config_dump")
+
+
+def active_listeners(dump: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """name → ``active_state`` of each dynamic listener Envoy is serving."""
+    listeners = config_section(dump, "ListenersConfigDump").get("dynamic_listeners", [])
+    return {
+        entry["name"]: entry["active_state"]
+        for entry in listeners
+        if entry.get("name") and "active_state" in entry
+    }
+
+
+def route_configs(dump: dict[str, Any]) -> dict[str, tuple[str, set[str]]]:
+    """route config name → (version_info, names of its routes)."""
+    configs = config_section(dump, "RoutesConfigDump").get("dynamic_route_configs", [])
+    return {
+        config["route_config"]["name"]: (
+            config["version_info"],
+            {
+                route["name"]
+                for vhost in config["route_config"].get("virtual_hosts", [])
+                for route in vhost.get("routes", [])
+            },
+        )
+        for config in configs
+    }
+
+
+def active_clusters(dump: dict[str, Any]) -> set[str]:
+    clusters = config_section(dump, "ClustersConfigDump").get("dynamic_active_clusters", [])
+    return {entry["cluster"]["name"] for entry in clusters}
+
+
+def start_envoy(
+    directory: Path,
+    node_id: str,
+    group: str,
+    xds_port: int,
+    *,
+    api_type: str = "GRPC",
+) -> EnvoyProcess:
+    """Render a bootstrap from ``envoy/bootstrap.yaml`` and start an Envoy on it
+    (admin port picked by Envoy). Call :meth:`EnvoyProcess.wait_live` next."""
+    from xds_server.bootstrap import render_bootstrap
+
+    bootstrap = directory / f"{node_id}.yaml"
+    bootstrap.write_text(
+        render_bootstrap(node_id, group, 0, "127.0.0.1", xds_port, api_type=api_type)
+    )
+    envoy = EnvoyProcess(bootstrap, 0)
+    envoy.start()
+    return envoy

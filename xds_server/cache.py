@@ -9,12 +9,25 @@ immutable once built, and everything expensive is done once per snapshot and sha
 by every stream that sends it: each resource is packed into its ``Any`` once, and
 each response body (a serialized ``DiscoveryResponse`` without its nonce) is built
 once per (type, requested names) and reused as bytes. A stream adds only its own
-nonce (see :func:`xds_server.server.with_nonce`).
+nonce (see :func:`xds_server.stream.with_nonce`).
+
+Content identity, computed once per snapshot and shared the same way:
+
+* :meth:`Snapshot.resource_versions` — per resource, a hash of its serialized ``Any``:
+  the Delta xDS resource version.
+* :meth:`Snapshot.digest` — per type (or per requested subset of RDS/EDS names), a hash
+  of those resource versions: a stream compares it with what it last sent and pushes
+  only the types whose content changed.
+
+Hashes are of the bytes the translator produced. Protobuf map order is stable within a
+process but not across processes, so after a control-plane restart an unchanged
+resource may hash differently: that costs one redundant resend, never a missed update.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import hashlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 
 from envoy.service.discovery.v3 import discovery_pb2
@@ -33,7 +46,15 @@ class Snapshot:
     Build with :meth:`build` from plain messages; resources keep the order given.
     """
 
-    __slots__ = ("_bodies", "_resources", "_transitions", "version")
+    __slots__ = (
+        "_bodies",
+        "_delta_bodies",
+        "_digests",
+        "_resources",
+        "_transitions",
+        "_versions",
+        "version",
+    )
 
     def __init__(self, version: str, resources: Mapping[str, Mapping[str, AnyMessage]]) -> None:
         if not version:
@@ -46,6 +67,12 @@ class Snapshot:
         self._bodies: dict[tuple[str, frozenset[str] | None], bytes] = {}
         # (type_url, previous version) -> body keeping what the previous one had.
         self._transitions: dict[tuple[str, str], bytes] = {}
+        # type_url -> name -> resource version (content hash), computed on first use.
+        self._versions: dict[str, Mapping[str, str]] = {}
+        # (type_url, names or None) -> content digest.
+        self._digests: dict[tuple[str, frozenset[str] | None], str] = {}
+        # (type_url, sent names, removed names) -> serialized DeltaDiscoveryResponse.
+        self._delta_bodies: dict[tuple[str, tuple[str, ...], tuple[str, ...]], bytes] = {}
 
     @classmethod
     def build(cls, version: str, resources: Mapping[str, Iterable[Message]]) -> Snapshot:
@@ -84,6 +111,67 @@ class Snapshot:
         """name → packed resource (read-only)."""
         return self._resources.get(type_url, MappingProxyType({}))
 
+    def resource_versions(self, type_url: str) -> Mapping[str, str]:
+        """name → resource version (hash of the packed ``Any``), in snapshot order."""
+        versions = self._versions.get(type_url)
+        if versions is None:
+            versions = MappingProxyType(
+                {
+                    name: hashlib.sha256(packed.SerializeToString()).hexdigest()[:16]
+                    for name, packed in self.resources(type_url).items()
+                }
+            )
+            self._versions[type_url] = versions
+        return versions
+
+    def digest(self, type_url: str, names: Iterable[str] | None = None) -> str:
+        """A hash of the content of ``type_url`` (all of it, or only ``names`` ∩ present).
+
+        Equal digests mean a client holding one has exactly the other: no push needed.
+        """
+        versions = self.resource_versions(type_url)
+        key = self._names_key(type_url, names)
+        digest = self._digests.get((type_url, key))
+        if digest is None:
+            hasher = hashlib.sha256()
+            for name, version in versions.items():
+                if key is None or name in key:
+                    hasher.update(f"{name}\0{version}\0".encode())
+            digest = hasher.hexdigest()[:16]
+            self._digests[(type_url, key)] = digest
+        return digest
+
+    def _names_key(self, type_url: str, names: Iterable[str] | None) -> frozenset[str] | None:
+        """``names`` ∩ the type's names, or ``None`` when that is all of them."""
+        if names is None:
+            return None
+        by_name = self.resources(type_url)
+        key = frozenset(names).intersection(by_name)
+        return None if len(key) == len(by_name) else key
+
+    def delta_body(self, type_url: str, send: Sequence[str], removed: Sequence[str]) -> bytes:
+        """The serialized ``DeltaDiscoveryResponse`` (no nonce) carrying the resources
+        ``send`` (each with its resource version) and the names ``removed``.
+
+        Memoized per (type, names): streams of a group that are in the same state (the
+        usual case) share the bytes.
+        """
+        key = (type_url, tuple(send), tuple(removed))
+        body = self._delta_bodies.get(key)
+        if body is None:
+            by_name = self.resources(type_url)
+            versions = self.resource_versions(type_url)
+            response = discovery_pb2.DeltaDiscoveryResponse(
+                system_version_info=self.version,
+                type_url=type_url,
+                removed_resources=list(removed),
+            )
+            for name in send:
+                response.resources.add(name=name, version=versions[name], resource=by_name[name])
+            body = response.SerializeToString()
+            self._delta_bodies[key] = body
+        return body
+
     def response_body(self, type_url: str, names: Iterable[str] | None = None) -> bytes:
         """The serialized ``DiscoveryResponse`` (no nonce) for ``type_url``.
 
@@ -93,11 +181,7 @@ class Snapshot:
         Bodies are memoized, so streams asking for the same set share the bytes.
         """
         by_name = self.resources(type_url)
-        key: frozenset[str] | None = None
-        if names is not None:
-            key = frozenset(names).intersection(by_name)
-            if len(key) == len(by_name):
-                key = None
+        key = self._names_key(type_url, names)
         body = self._bodies.get((type_url, key))
         if body is None:
             response = discovery_pb2.DiscoveryResponse(version_info=self.version, type_url=type_url)
@@ -142,7 +226,8 @@ class SnapshotCache:
     runs the ADS server. Watchers are plain callbacks run synchronously inside
     :meth:`set_snapshot` (a stream's watcher just enqueues an event), so they must
     not block. Setting a snapshot notifies every watcher of the group even if the
-    version is unchanged; streams compare versions and skip what they already sent.
+    version is unchanged; streams compare content digests and skip what they already
+    sent.
     """
 
     def __init__(self) -> None:

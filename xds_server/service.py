@@ -5,6 +5,12 @@ Build one from a :class:`~meshward.policy.model.Policy`, ``await start()``, and 
 group gets its new snapshot, and every connected stream is pushed the change. A group
 whose gateway disappeared from the policy gets an empty snapshot, so its proxies drop
 the listener and clusters rather than keep serving a deleted gateway.
+
+Proxies connect with SotW (``StreamAggregatedResources``) or Delta
+(``DeltaAggregatedResources``) ADS. :meth:`XdsService.status` shows, per connected node,
+the versions sent/ACKed/NACKed per type, the applied version, the live NACK error and
+the convergence time of the latest policy change; :attr:`XdsService.registry` holds the
+Prometheus metrics (:class:`~xds_server.tracking.XdsMetrics`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from meshward.http_status import parse_listen
 from meshward.policy.model import Policy
 from xds_server.cache import Snapshot, SnapshotCache
-from xds_server.server import AdsServer, XdsMetrics
+from xds_server.server import AdsServer
+from xds_server.tracking import VersionClock, XdsMetrics
 from xds_server.translator import DEFAULT_AUTHZ_FAILURE_STATUS, snapshot_version, translate
 
 log = logging.getLogger("meshward.xds")
@@ -60,7 +67,8 @@ class XdsService:
             ["version"],
             registry=self.registry,
         )
-        self._ads = AdsServer(self.cache, self._metrics)
+        self._clock = VersionClock()
+        self._ads = AdsServer(self.cache, self._metrics, self._clock)
         self._server: grpc.aio.Server | None = None
         self._port: int | None = None
         self._policy = policy
@@ -112,7 +120,16 @@ class XdsService:
         return self._server is not None
 
     def status(self) -> dict[str, Any]:
-        """A JSON-able view: served version, snapshots, and every connected node."""
+        """A JSON-able view: served version, snapshots, and every connected node.
+
+        Each node: ``stream``, ``id``, ``group``, ``protocol`` (``sotw``/``delta``),
+        ``peer``, ``connected_at``, ``applied_version``, ``last_ack_at``,
+        ``converged_version`` and ``convergence_seconds`` (latest policy change it
+        applied), ``error``/``error_type``/``error_version``/``error_at`` (the live
+        NACK, cleared once a newer version is applied) and ``types``: per short type
+        name ``sent``, ``acked``, ``nack_version``, ``nack_error``, ``nack_at`` (last
+        NACK of the type), plus protocol details (``nonce``, ``names``, ``responses``).
+        """
         return {
             "listen": self.listen,
             "port": self._port,
@@ -136,9 +153,11 @@ class XdsService:
         for group in self.cache.groups():
             if group not in snapshots:
                 snapshots[group] = Snapshot.empty(version)
+        previous = self._version
+        if version != previous:
+            self._clock.mark(version)
         for group, snapshot in snapshots.items():
             self.cache.set_snapshot(group, snapshot)
-        previous = self._version
         self._policy = policy
         self._version = version
         self._applied_at = time.time()

@@ -335,26 +335,36 @@ def test_envoy_nack_is_recorded_and_last_good_config_keeps_serving(tmp_path: Pat
         assert "not-an-ip" in lds["nack_error"]
         assert lds["nack_version"] == bad
         assert lds["acked"] == good
-        assert lds["sent"] == bad  # sent once, not resent
+        # Rolled back: the last good listener is sent again, the rejected one never is.
+        for _ in range(200):
+            lds = mesh.service.status()["nodes"][0]["types"]["lds"]
+            if lds["sent"] == lds["acked"] == good:
+                break
+            await asyncio.sleep(0.05)
+        assert lds["sent"] == lds["acked"] == good, lds
         assert (
             mesh.service.registry.get_sample_value("meshward_xds_nacks_total", {"type": "lds"}) == 1
         )
         # The last good listener still serves (authz down: fail closed).
         assert (await mesh.get("/orders/1"))[0] == 403
         dump = await mesh.config_dump()
-        # Envoy keeps the active listener and shows the rejected one beside it (it
-        # also lists the failure once more as a nameless entry).
+        # Envoy keeps the active listener; the rollback (the good listener again) is
+        # accepted, so Envoy's own error_state is gone and the error lives in status.
         listeners = _configs(dump)["ListenersConfigDump"]["dynamic_listeners"]
         [listener] = [entry for entry in listeners if entry.get("name") == "edge"]
         assert listener["active_state"]["version_info"] == good
-        assert listener["error_state"]["details"] == "malformed IP address: not-an-ip"
+        node = mesh.service.status()["nodes"][0]
+        assert node["applied_version"] == good
+        assert node["error_version"] == bad
+        assert "malformed IP address: not-an-ip" in node["error"]
 
         # The next version fixes it: every type ACKed at the new version.
         await mesh.service.set_policy(base)
-        await mesh.wait_acked(mesh.service.version)
+        node = await mesh.wait_acked(mesh.service.version)
         assert (
             mesh.service.registry.get_sample_value("meshward_xds_nacks_total", {"type": "lds"}) == 1
         )
+        assert node["error"] is None
 
     run_mesh(test, tmp_path)
 

@@ -1,0 +1,254 @@
+"""What SotW and Delta ADS streams share: identity, writes, push targets and rollback.
+
+The counterpart of go-control-plane's ``pkg/server/stream``. A :class:`Stream` is one
+open ADS stream of either protocol; the protocol subclasses
+(:class:`xds_server.server.SotwStream`, :class:`xds_server.delta.DeltaStream`) decide
+what goes on the wire, this class decides *which snapshot* the stream is brought to:
+
+* Normally the group's current snapshot, pushing only the types whose content differs
+  from what the stream last sent (``push only what changed``).
+* After a NACK of version V, the node is **rolled back** to its last fully ACKed
+  snapshot (:attr:`NodeStatus.applied_snapshot <xds_server.tracking.NodeStatus>`):
+  every type whose content differs from it is pushed again, in push order, so the
+  types the client accepted at V return to the old consistent set too. V is never
+  sent to this stream again; a newer snapshot is pushed normally. With no ACKed
+  snapshot yet (the first config was rejected) the stream holds and waits for a new
+  version, answering only fresh subscriptions.
+
+Writes go through :meth:`Stream.write`: the shared pre-serialized body plus this
+stream's nonce (:func:`with_nonce`). A failed write (peer gone, cancelled, ``INTERNAL``)
+raises :class:`StreamClosedError`, which just ends the stream.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import grpc
+
+from xds_server import resources as rs
+from xds_server.cache import Snapshot, SnapshotCache
+from xds_server.tracking import NodeStatus, VersionClock, XdsMetrics
+
+log = logging.getLogger("meshward.xds")
+
+#: The nonce field of both DiscoveryResponse and DeltaDiscoveryResponse (field 5, bytes).
+_NONCE_TAG = bytes([(5 << 3) | 2])
+#: At most this many rejected versions are remembered per stream.
+_REJECTED_LIMIT = 64
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def with_nonce(body: bytes, nonce: str) -> bytes:
+    """``body`` (a serialized (Delta)DiscoveryResponse without nonce) with ``nonce`` set.
+
+    Protobuf parsers merge fields in any order, so appending the encoded field is the
+    same message as setting it before serializing.
+    """
+    raw = nonce.encode()
+    return body + _NONCE_TAG + _varint(len(raw)) + raw
+
+
+class StreamClosedError(Exception):
+    """The peer is gone (closed, cancelled, INTERNAL): end the handler quietly."""
+
+
+class Stream:
+    """One open ADS stream (either protocol) of one node. Single-threaded (event loop)."""
+
+    protocol: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        *,
+        stream_id: int,
+        node_id: str,
+        group: str,
+        peer: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        cache: SnapshotCache,
+        metrics: XdsMetrics | None = None,
+        clock: VersionClock | None = None,
+    ) -> None:
+        self.stream_id = stream_id
+        self.group = group
+        self.status = NodeStatus(
+            stream_id=stream_id,
+            node_id=node_id,
+            group=group,
+            protocol=self.protocol,
+            peer=peer,
+            clock=clock,
+            metrics=metrics,
+        )
+        self._context = context
+        self._cache = cache
+        self._metrics = metrics
+        self._nonces = itertools.count(1)
+        #: Versions this stream rejected, oldest first: never sent to it again.
+        self._rejected: dict[str, None] = {}
+        #: The snapshot the stream was last brought to (current or rollback target).
+        self.pushed: Snapshot | None = None
+
+    @property
+    def node_id(self) -> str:
+        return self.status.node_id
+
+    # -- protocol hooks -------------------------------------------------------------
+
+    async def on_request(self, request: Any) -> None:
+        """Handle one client request (a DiscoveryRequest or DeltaDiscoveryRequest)."""
+        raise NotImplementedError
+
+    def subscribed_types(self) -> Sequence[str]:
+        """Type URLs the client has subscribed to on this stream."""
+        raise NotImplementedError
+
+    async def push(self, snapshot: Snapshot, types: Sequence[str], force: str | None) -> None:
+        """Bring ``types`` (in push order) to ``snapshot``, sending only what differs.
+
+        ``force`` is a type that gets a response even if nothing differs (a fresh
+        subscription: the client waits for an answer).
+        """
+        raise NotImplementedError
+
+    def protocol_state(self) -> dict[str, dict[str, Any]]:
+        """Per short type name: protocol details for the status page (nonce, names...)."""
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------
+
+    async def on_snapshot(self) -> None:
+        """The group's snapshot changed: bring the stream to it."""
+        await self.bring()
+
+    async def bring(self, force: str | None = None) -> None:
+        """Bring every subscribed type to the stream's target snapshot (see module doc)."""
+        current = self._cache.get_snapshot(self.group)
+        if current is None:
+            return
+        target = self._target(current)
+        if target is None:  # current rejected and nothing ACKed to fall back on: hold
+            if force is not None:
+                await self.push(current, [force], force)
+            return
+        await self.push(target, self._ordered(), force)
+        self.pushed = target
+        self.status.check_applied(target)
+
+    def acked(self, type_url: str) -> None:
+        """The latest response of ``type_url`` was ACKed."""
+        self.status.acked(type_url)
+        self.status.check_applied(self.pushed)
+
+    def nacked(self, type_url: str, error: str, kept_version: str | None) -> None:
+        """Record a NACK of the latest response of ``type_url`` (then call :meth:`bring`).
+
+        Marks the rejected version as never to be sent again, logs and counts it.
+        """
+        version = self.status.nacked(type_url, error)
+        if version is not None:
+            self._rejected[version] = None
+            while len(self._rejected) > _REJECTED_LIMIT:
+                del self._rejected[next(iter(self._rejected))]
+        fallback = self.status.applied_snapshot
+        rollback = None
+        if fallback is not None and fallback.version != version:
+            rollback = fallback.version
+        if self._metrics is not None:
+            self._metrics.nacks.labels(rs.short_name(type_url)).inc()
+            if rollback is not None:
+                self._metrics.rollbacks.inc()
+        log.warning(
+            "xds NACK: proxy rejected %s version %s",
+            rs.short_name(type_url),
+            version,
+            extra={
+                "node": self.node_id,
+                "group": self.group,
+                "protocol": self.protocol,
+                "type": rs.short_name(type_url),
+                "version": version,
+                "kept_version": kept_version,
+                "rollback_to": rollback,
+                "error": error,
+            },
+        )
+
+    def count_stale(self, type_url: str) -> None:
+        if self._metrics is not None:
+            self._metrics.stale.labels(rs.short_name(type_url)).inc()
+
+    async def write(self, type_url: str, body: bytes) -> str:
+        """Send ``body`` with a fresh nonce; returns the nonce."""
+        nonce = f"{self.stream_id}-{next(self._nonces)}"
+        try:
+            await self._context.write(with_nonce(body, nonce))
+        except Exception as exc:  # closed/cancelled/INTERNAL: the stream is gone
+            raise StreamClosedError from exc
+        if self._metrics is not None:
+            self._metrics.responses.labels(rs.short_name(type_url)).inc()
+        return nonce
+
+    def as_dict(self) -> dict[str, Any]:
+        out = self.status.as_dict()
+        for short, extra in self.protocol_state().items():
+            out["types"].setdefault(short, {}).update(extra)
+        return out
+
+    def _target(self, current: Snapshot) -> Snapshot | None:
+        if current.version not in self._rejected:
+            return current
+        fallback = self.status.applied_snapshot
+        if fallback is None or fallback.version in self._rejected:
+            return None
+        return fallback
+
+    def _ordered(self) -> list[str]:
+        subscribed = self.subscribed_types()
+        ordered = [t for t in rs.PUSH_ORDER if t in subscribed]
+        return ordered + [t for t in subscribed if t not in rs.PUSH_ORDER]
+
+
+class ServerShutdown:
+    """Stream event: the server is stopping."""
+
+
+class SnapshotPush:
+    """Stream event: the group has a new snapshot; ``done()`` when handled."""
+
+    __slots__ = ("round",)
+
+    def __init__(self, round_: PushRound) -> None:
+        self.round = round_
+
+
+class PushRound:
+    """One snapshot fanned out to the N streams of a group; observes the time to all N."""
+
+    __slots__ = ("_histogram", "_pending", "_started")
+
+    def __init__(self, count: int, metrics: XdsMetrics | None) -> None:
+        self._pending = count
+        self._histogram = metrics.push_duration if metrics is not None else None
+        self._started = time.perf_counter()
+
+    def done(self) -> None:
+        self._pending -= 1
+        if self._pending == 0 and self._histogram is not None:
+            self._histogram.observe(time.perf_counter() - self._started)
