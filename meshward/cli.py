@@ -74,9 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     upstream.add_argument("--listen", required=True, metavar="HOST:PORT")
     upstream.set_defaults(func=_cmd_demo_upstream)
 
-    from meshward import up
+    from meshward import status_cmd, up
 
     up.register(sub)
+    status_cmd.register(sub)
 
     # The two services register their own subcommands.
     from authz import cli as authz_cli

@@ -121,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
                 f"see the logs in {args.state_dir / 'logs'}"
             )
             return 1
+        _write_state(args.state_dir, ports)
         say.banner(_banner(policy, ports, demo_key, args))
         while not stop.wait(0.5):
             pass
@@ -196,42 +197,27 @@ def _start_all(
                 )
     sup.start(
         Child(
-            "authz",
-            [
-                *py,
-                "authz",
-                "--policy",
-                policy_dir,
-                "--listen",
-                f"127.0.0.1:{ports.authz}",
-                "--status-listen",
-                f"127.0.0.1:{ports.authz_status}",
-                "--workers",
-                str(args.authz_workers),
-            ],
-            env={"OTEL_SERVICE_NAME": "meshward-authz"},
-            log_path=logs / "authz.log",
-        )
-    )
-    sup.start(
-        Child(
             "xds",
-            [
-                *py,
-                "xds",
-                "--policy",
-                policy_dir,
-                "--listen",
-                f"127.0.0.1:{ports.xds}",
-                "--status-listen",
-                f"127.0.0.1:{ports.xds_status}",
-                "--authz",
-                f"127.0.0.1:{ports.authz}",
-            ],
+            [*py, "xds", "--policy", policy_dir,
+             "--listen", f"127.0.0.1:{ports.xds}",
+             "--status-listen", f"127.0.0.1:{ports.xds_status}",
+             "--authz", f"127.0.0.1:{ports.authz}"],
             env={"OTEL_SERVICE_NAME": "meshward-xds"},
             log_path=logs / "xds.log",
         )
-    )
+    )  # fmt: skip
+    # authz takes its policy from the xDS server (one source of truth), not from files.
+    sup.start(
+        Child(
+            "authz",
+            [*py, "authz", "--xds", f"127.0.0.1:{ports.xds}", "--node-id", "authz-local",
+             "--listen", f"127.0.0.1:{ports.authz}",
+             "--status-listen", f"127.0.0.1:{ports.authz_status}",
+             "--workers", str(args.authz_workers)],
+            env={"OTEL_SERVICE_NAME": "meshward-authz"},
+            log_path=logs / "authz.log",
+        )
+    )  # fmt: skip
     boot_dir = args.state_dir / "bootstrap"
     boot_dir.mkdir(parents=True, exist_ok=True)
     for gw in policy.gateways:
@@ -262,6 +248,18 @@ def _start_all(
                 log_path=logs / f"envoy-{gw.name}.log",
             )
         )
+
+
+def _write_state(state_dir: Path, ports: Ports) -> None:
+    """Where this mesh's parts listen, for `meshward status` and other tools."""
+    info = {
+        "xds": f"127.0.0.1:{ports.xds}",
+        "xds_status_url": f"http://127.0.0.1:{ports.xds_status}/status",
+        "authz": f"127.0.0.1:{ports.authz}",
+        "authz_status_url": f"http://127.0.0.1:{ports.authz_status}/status",
+        "envoy_admin": {name: f"http://127.0.0.1:{port}" for name, port in ports.admin.items()},
+    }
+    (state_dir / "up.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 def _http_ok(url: str, want: str | None = None) -> bool:
@@ -320,6 +318,8 @@ def _banner(policy: Policy, ports: Ports, key: DemoKey, args: argparse.Namespace
         f"  authz              127.0.0.1:{ports.authz}   "
         f"(metrics http://127.0.0.1:{ports.authz_status}/metrics)",
         f"  logs               {args.state_dir / 'logs'}/",
+        "  status             meshward status   (policy and per-proxy versions)",
+        f"  live reload        edit {args.policy}/*.yaml: valid edits apply within a second",
         "",
     ]
     demo = any(i.issuer == DEMO_ISSUER for i in policy.issuers) and policy.gateways

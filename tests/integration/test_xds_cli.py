@@ -106,7 +106,7 @@ def test_serves_status_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) ->
         status = _status(status_port)
         version = status["version"]
         assert version.startswith(status["policy_version"] + "-")  # non-default authz
-        assert status["snapshots"] == {"edge": version}
+        assert status["snapshots"] == {"edge": version, "meshward-authz": version}
 
         async def subscribe() -> None:
             async with AdsClient(xds_port) as client:
@@ -132,7 +132,7 @@ def test_serves_status_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) ->
         good_text = mesh.read_text()
         mesh.write_text(good_text.replace("prefix: /catalog", "prefix: 42x: ["))
         os.kill(proc.pid, signal.SIGHUP)
-        line = _wait_log(proc, "policy reload rejected")
+        line = _wait_log(proc, "policy edit rejected")
         assert any("mesh.yaml:" in error for error in line["errors"])
         assert _status(status_port)["version"] == version
 
