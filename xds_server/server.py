@@ -65,6 +65,8 @@ __all__ = ["ADS_SERVICE", "AdsServer", "SotwStream", "XdsMetrics", "with_nonce"]
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 ADS_METHOD = "StreamAggregatedResources"
 DELTA_METHOD = "DeltaAggregatedResources"
+#: Large responses (see xds_server.stream.LARGE_WRITE_BYTES) in flight at once, server-wide.
+MAX_LARGE_WRITES = 32
 
 log = logging.getLogger("meshward.xds")
 
@@ -207,6 +209,8 @@ class AdsServer:
         self._groups: dict[str, dict[int, Stream]] = {}
         self._group_watches: dict[str, Callable[[], None]] = {}
         self._stream_ids = itertools.count(1)
+        #: Bounds large writes in flight across all streams (see xds_server.stream).
+        self._write_slots = asyncio.Semaphore(MAX_LARGE_WRITES)
 
     def add_to(self, server: grpc.aio.Server) -> None:
         """Register both ADS methods on ``server``; responses are pre-serialized bytes."""
@@ -271,7 +275,7 @@ class AdsServer:
                 if isinstance(event, SnapshotPush):
                     try:
                         if stream is not None:
-                            await stream.on_snapshot()
+                            await stream.on_snapshot(event.round)
                     finally:
                         event.round.done()
                     continue
@@ -317,6 +321,7 @@ class AdsServer:
             cache=self._cache,
             metrics=self._metrics,
             clock=self._clock,
+            write_slots=self._write_slots,
         )
         self._streams[stream_id] = stream
         members = self._groups.setdefault(group, {})

@@ -15,13 +15,21 @@ what goes on the wire, this class decides *which snapshot* the stream is brought
   snapshot yet (the first config was rejected) the stream holds and waits for a new
   version, answering only fresh subscriptions.
 
-Writes go through :meth:`Stream.write`: the shared pre-serialized body plus this
-stream's nonce (:func:`with_nonce`). A failed write (peer gone, cancelled, ``INTERNAL``)
-raises :class:`StreamClosedError`, which just ends the stream.
+Writes go through :meth:`Stream.write`: the shared pre-serialized body plus a nonce
+(:func:`with_nonce`). When a new snapshot fans out to every stream of a group (a
+:class:`PushRound`), the nonce is the round's, not the stream's, so the framed bytes
+are built once per round and shared by all N streams: a nonce only has to be unique
+per response on one stream, and each stream gets each round's response once. Other
+responses (first request, name change, rollback) get a per-stream nonce. Large
+writes (a 1,000-route RDS is ~300 KB) take a slot of a server-wide semaphore, so a
+fan-out to thousands of streams never holds thousands of copies in gRPC's send
+buffers at once. A failed write (peer gone, cancelled, ``INTERNAL``) raises
+:class:`StreamClosedError`, which just ends the stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -40,6 +48,8 @@ log = logging.getLogger("meshward.xds")
 _NONCE_TAG = bytes([(5 << 3) | 2])
 #: At most this many rejected versions are remembered per stream.
 _REJECTED_LIMIT = 64
+#: Writes larger than this take a slot of the server's write semaphore.
+LARGE_WRITE_BYTES = 64 * 1024
 
 
 def _varint(value: int) -> bytes:
@@ -84,6 +94,7 @@ class Stream:
         cache: SnapshotCache,
         metrics: XdsMetrics | None = None,
         clock: VersionClock | None = None,
+        write_slots: asyncio.Semaphore | None = None,
     ) -> None:
         self.stream_id = stream_id
         self.group = group
@@ -100,6 +111,9 @@ class Stream:
         self._cache = cache
         self._metrics = metrics
         self._nonces = itertools.count(1)
+        self._write_slots = write_slots
+        #: The fan-out round being handled, whose nonce and framed bytes are shared.
+        self._round: PushRound | None = None
         #: Versions this stream rejected, oldest first: never sent to it again.
         self._rejected: dict[str, None] = {}
         #: The snapshot the stream was last brought to (current or rollback target).
@@ -133,9 +147,13 @@ class Stream:
 
     # -- shared ---------------------------------------------------------------------
 
-    async def on_snapshot(self) -> None:
-        """The group's snapshot changed: bring the stream to it."""
-        await self.bring()
+    async def on_snapshot(self, round_: PushRound | None = None) -> None:
+        """The group's snapshot changed: bring the stream to it (as part of ``round_``)."""
+        self._round = round_
+        try:
+            await self.bring()
+        finally:
+            self._round = None
 
     async def bring(self, force: str | None = None) -> None:
         """Bring every subscribed type to the stream's target snapshot (see module doc)."""
@@ -195,10 +213,18 @@ class Stream:
             self._metrics.stale.labels(rs.short_name(type_url)).inc()
 
     async def write(self, type_url: str, body: bytes) -> str:
-        """Send ``body`` with a fresh nonce; returns the nonce."""
-        nonce = f"{self.stream_id}-{next(self._nonces)}"
+        """Send ``body`` with a fresh nonce (the round's, during a fan-out); returns it."""
+        if self._round is not None:
+            nonce, framed = self._round.frame(body)
+        else:
+            nonce = f"{self.stream_id}-{next(self._nonces)}"
+            framed = with_nonce(body, nonce)
         try:
-            await self._context.write(with_nonce(body, nonce))
+            if self._write_slots is not None and len(framed) > LARGE_WRITE_BYTES:
+                async with self._write_slots:
+                    await self._context.write(framed)
+            else:
+                await self._context.write(framed)
         except Exception as exc:  # closed/cancelled/INTERNAL: the stream is gone
             raise StreamClosedError from exc
         if self._metrics is not None:
@@ -239,14 +265,31 @@ class SnapshotPush:
 
 
 class PushRound:
-    """One snapshot fanned out to the N streams of a group; observes the time to all N."""
+    """One snapshot fanned out to the N streams of a group; observes the time to all N.
 
-    __slots__ = ("_histogram", "_pending", "_started")
+    It also frames each distinct response body once for the whole round (nonce
+    ``p<round>.<k>``), so N streams share one bytes object instead of N copies.
+    """
+
+    __slots__ = ("_framed", "_histogram", "_id", "_pending", "_started")
+    _ids: ClassVar[itertools.count[int]] = itertools.count(1)
 
     def __init__(self, count: int, metrics: XdsMetrics | None) -> None:
         self._pending = count
         self._histogram = metrics.push_duration if metrics is not None else None
         self._started = time.perf_counter()
+        self._id = next(PushRound._ids)
+        #: id(body) → (body kept alive so the id stays unique, nonce, framed bytes)
+        self._framed: dict[int, tuple[bytes, str, bytes]] = {}
+
+    def frame(self, body: bytes) -> tuple[str, bytes]:
+        """The round's nonce and framed bytes for ``body`` (built on first use)."""
+        hit = self._framed.get(id(body))
+        if hit is None or hit[0] is not body:
+            nonce = f"p{self._id}.{len(self._framed) + 1}"
+            hit = (body, nonce, with_nonce(body, nonce))
+            self._framed[id(body)] = hit
+        return hit[1], hit[2]
 
     def done(self) -> None:
         self._pending -= 1
