@@ -9,7 +9,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +23,7 @@ from tests import tokens
 from tests.envoy_harness import http_request
 from tests.mesh_harness import RecordingUpstream, free_port
 from tests.policy_files import VALID_POLICY, new_keys, write_policy
-from tests.process_mesh import ProcessMesh, Traffic, wait_until
+from tests.process_mesh import ROOT, ProcessMesh, Traffic, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -104,6 +107,32 @@ def test_policy_edit_is_enforced_within_one_second(world: World) -> None:
         assert after in node["applied_version"], node
         assert 0 <= node["convergence_seconds"] < 5, node
 
+    # `meshward status` shows the same as a table, and exits 0 when all is well.
+    table = _meshward_status(world)
+    assert table.returncode == 0, table.stderr
+    assert f"policy {after} from" in table.stdout and "files valid" in table.stdout
+    rows = [line.split() for line in table.stdout.splitlines()]
+    assert ["edge-test", "edge"] in [r[:2] for r in rows]
+    assert ["authz-test", "meshward-authz"] in [r[:2] for r in rows]
+
+
+def _meshward_status(world: World) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meshward",
+            "status",
+            "--url",
+            f"http://127.0.0.1:{world.mesh.xds_status_port}/status",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+
 
 def test_invalid_edit_is_rejected_and_old_rules_keep_working(world: World) -> None:
     version = world.mesh.status()["policy"]["serving_version"]
@@ -120,6 +149,10 @@ def test_invalid_edit_is_rejected_and_old_rules_keep_working(world: World) -> No
     assert error.startswith(f"{world.mesh.policy_dir}/mesh.yaml:")
     assert "role 'catalog-writer' is not defined" in error
     assert "meshward_xds_policy_errors 1.0" in world.mesh.metrics()
+    table = _meshward_status(world)
+    assert table.returncode == 1  # invalid files are something an operator must see
+    assert "files INVALID (last good version still served)" in table.stdout
+    assert "role 'catalog-writer' is not defined" in table.stdout
     # The old rules are still what Envoy and authz enforce.
     assert world.get("/orders/1", "bob") == 403
     assert world.get("/orders/1", "alice") == 200
