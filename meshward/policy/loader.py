@@ -33,16 +33,20 @@ from meshward.policy.errors import PolicyError, PolicyIssue
 from meshward.policy.model import (
     HTTP_METHODS,
     JWT_ALGORITHMS,
+    TLS_VERSIONS,
     Binding,
     Endpoint,
     Gateway,
+    GatewayTls,
     Issuer,
+    Mesh,
     Permission,
     Policy,
     Role,
     Route,
     RouteMatch,
     Service,
+    Sidecar,
     Source,
 )
 
@@ -57,7 +61,9 @@ _HOST_PATTERN_RE = re.compile(r"^(\*\.)?[a-zA-Z0-9.-]+$|^\*$")
 #: Gateway names are Envoy node groups; this prefix is kept for meshward's own groups
 #: (``meshward-authz``: authz replicas fetching the policy over ADS).
 RESERVED_GROUP_PREFIX = "meshward-"
-_TOP_LEVEL = ("services", "gateways", "issuers", "roles", "bindings", "default")
+_TOP_LEVEL = ("mesh", "services", "gateways", "issuers", "roles", "bindings", "default")
+_TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,253}[a-z0-9])?$")
+_SPIFFE_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
@@ -121,6 +127,7 @@ class _Reader:
     roles: list[_Named] = field(default_factory=list)
     bindings: list[_Named] = field(default_factory=list)
     default: tuple[str, Source] | None = None
+    mesh: tuple[Mesh, Source] | None = None
     # References to check once every file is read: (kind, name, source, what).
     service_refs: list[tuple[str, Source, str]] = field(default_factory=list)
     role_refs: list[tuple[str, Source, str]] = field(default_factory=list)
@@ -171,6 +178,7 @@ class _Reader:
             "roles": lambda n: self.section(n, "roles", self.read_role, self.roles),
             "bindings": lambda n: self.section(n, "bindings", self.read_binding, self.bindings),
             "default": self.read_default,
+            "mesh": self.read_mesh,
         }
         for key, (_, value) in top.items():
             section_readers[key](value)
@@ -297,11 +305,14 @@ class _Reader:
     # ---- sections ----------------------------------------------------------------
     def read_service(self, node: Node, what: str) -> _Named | None:
         fields = self.mapping(
-            node, what, allowed=("name", "endpoints"), required=("name", "endpoints")
+            node, what, allowed=("name", "endpoints", "sidecar"), required=("name", "endpoints")
         )
         if fields is None:
             return None
         name = self.name(fields, what)
+        sidecar = None
+        if "sidecar" in fields:
+            sidecar = self.read_sidecar(fields["sidecar"][1], f"{what}.sidecar")
         endpoints: list[Endpoint] = []
         if "endpoints" in fields:
             items = self.sequence(fields["endpoints"][1], f"{what}.endpoints")
@@ -313,7 +324,33 @@ class _Reader:
                     endpoints.append(endpoint)
         if name is None:
             return None
-        return _Named(Service(name, tuple(endpoints), self.src(node)), self.src(node))
+        return _Named(
+            Service(name, tuple(endpoints), sidecar, source=self.src(node)), self.src(node)
+        )
+
+    def read_sidecar(self, node: Node, what: str) -> Sidecar | None:
+        fields = self.mapping(node, what, allowed=("address", "port"), required=("port",))
+        if fields is None or "port" not in fields:
+            return None
+        port = self.integer(fields["port"][1], f"{what}.port", 1, 65535)
+        address = self.listen_address(fields, what)
+        if port is None or address is None:
+            return None
+        return Sidecar(port, address)
+
+    def listen_address(self, fields: dict[str, tuple[Node, Node]], what: str) -> str | None:
+        """The optional ``address`` to listen on (an IP; default 127.0.0.1)."""
+        if "address" not in fields:
+            return "127.0.0.1"
+        value = self.string(fields["address"][1], f"{what}.address")
+        if value is not None and not _is_ip(value):
+            self.error(
+                fields["address"][1],
+                f"{what}.address: '{value}' is not an IP address to listen on "
+                "(for example 127.0.0.1 or 0.0.0.0)",
+            )
+            return None
+        return value
 
     def read_endpoint(self, node: Node, what: str) -> Endpoint | None:
         fields = self.mapping(node, what, allowed=("address", "port"), required=("address", "port"))
@@ -335,7 +372,7 @@ class _Reader:
         fields = self.mapping(
             node,
             what,
-            allowed=("name", "address", "port", "routes"),
+            allowed=("name", "address", "port", "tls", "routes"),
             required=("name", "port", "routes"),
         )
         if fields is None:
@@ -348,17 +385,8 @@ class _Reader:
                 f"'{RESERVED_GROUP_PREFIX}' are meshward's own node groups; rename the gateway",
             )
             name = None
-        address = "127.0.0.1"
-        if "address" in fields:
-            value = self.string(fields["address"][1], f"{what}.address")
-            if value is not None and not _is_ip(value):
-                self.error(
-                    fields["address"][1],
-                    f"{what}.address: '{value}' is not an IP address to listen on "
-                    "(for example 127.0.0.1 or 0.0.0.0)",
-                )
-            elif value is not None:
-                address = value
+        address = self.listen_address(fields, what) or "127.0.0.1"
+        tls = self.read_gateway_tls(fields["tls"][1], f"{what}.tls") if "tls" in fields else None
         port = (
             self.integer(fields["port"][1], f"{what}.port", 1, 65535) if "port" in fields else None
         )
@@ -370,7 +398,36 @@ class _Reader:
                     routes.append(route)
         if name is None or port is None:
             return None
-        return _Named(Gateway(name, port, tuple(routes), address, self.src(node)), self.src(node))
+        return _Named(
+            Gateway(name, port, tuple(routes), address, tls, source=self.src(node)),
+            self.src(node),
+        )
+
+    def read_gateway_tls(self, node: Node, what: str) -> GatewayTls | None:
+        fields = self.mapping(node, what, allowed=("dns_names", "min_version"))
+        if fields is None:
+            return None
+        dns_names: list[str] = []
+        if "dns_names" in fields:
+            for host, host_node in self.strings(fields["dns_names"][1], f"{what}.dns_names"):
+                if not _HOSTNAME_RE.match(host) and not _is_ip(host):
+                    self.error(host_node, f"{what}.dns_names: '{host}' is not a DNS name or IP")
+                else:
+                    dns_names.append(host)
+        min_version = "1.2"
+        if "min_version" in fields:
+            vnode = fields["min_version"][1]
+            value = vnode.value if isinstance(vnode, ScalarNode) else None
+            if value not in TLS_VERSIONS:
+                self.error(
+                    vnode,
+                    f"{what}.min_version: '{value}' is not supported; use "
+                    + " or ".join(f"'{v}'" for v in TLS_VERSIONS)
+                    + ' (quote it: "1.2")',
+                )
+                return None
+            min_version = str(value)
+        return GatewayTls(tuple(dns_names) or ("localhost",), min_version)
 
     def read_route(self, node: Node, what: str) -> Route | None:
         fields = self.mapping(
@@ -611,7 +668,10 @@ class _Reader:
 
     def read_binding(self, node: Node, what: str) -> _Named | None:
         fields = self.mapping(
-            node, what, allowed=("name", "role", "subjects", "groups"), required=("name", "role")
+            node,
+            what,
+            allowed=("name", "role", "subjects", "groups", "workloads"),
+            required=("name", "role"),
         )
         if fields is None:
             return None
@@ -629,12 +689,49 @@ class _Reader:
             if "groups" in fields
             else ()
         )
-        if not subjects and not groups:
-            self.error(node, f"{what}: grants its role to nobody; list 'subjects' and/or 'groups'")
+        workloads: list[str] = []
+        if "workloads" in fields:
+            for pattern, pnode in self.strings(fields["workloads"][1], f"{what}.workloads"):
+                problem = spiffe_pattern_problem(pattern)
+                if problem:
+                    self.error(pnode, f"{what}.workloads: '{pattern}' {problem}")
+                else:
+                    workloads.append(pattern)
+        if not subjects and not groups and not workloads:
+            self.error(
+                node,
+                f"{what}: grants its role to nobody; list 'subjects', 'groups' and/or 'workloads'",
+            )
             return None
         if name is None or role is None:
             return None
-        return _Named(Binding(name, role, subjects, groups, self.src(node)), self.src(node))
+        return _Named(
+            Binding(name, role, subjects, groups, tuple(workloads), source=self.src(node)),
+            self.src(node),
+        )
+
+    def read_mesh(self, node: Node) -> None:
+        fields = self.mapping(node, "mesh", allowed=("trust_domain", "namespace"))
+        if fields is None:
+            return
+        if self.mesh is not None:
+            self.error(node, f"mesh: set again (first at {self.mesh[1]}); keep one")
+            return
+        values = {"trust_domain": "meshward.local", "namespace": "default"}
+        for key, regex in (("trust_domain", _TRUST_DOMAIN_RE), ("namespace", _NAME_RE)):
+            if key in fields:
+                value = self.string(fields[key][1], f"mesh.{key}")
+                if value is None:
+                    return
+                if not regex.match(value):
+                    self.error(
+                        fields[key][1],
+                        f"mesh.{key}: '{value}' is not valid; use lowercase letters, digits, "
+                        "'.', '-' and '_' (a SPIFFE trust domain or path segment)",
+                    )
+                    return
+                values[key] = value
+        self.mesh = (Mesh(**values), self.src(node))
 
     def read_default(self, node: Node) -> None:
         value = self.string(node, "default")
@@ -676,17 +773,32 @@ class _Reader:
         roles = self.unique(self.roles, "role")
         bindings = self.unique(self.bindings, "binding")
         self.unique([_Named(r, r.source) for g in gateways for r in g.routes], "route")
-        listen: dict[tuple[str, int], Gateway] = {}
-        for gw in gateways:
-            key = (gw.address, gw.port)
+        listen: dict[tuple[str, int], tuple[str, Source]] = {}
+        listeners = [(f"gateway '{g.name}'", g.address, g.port, g.source) for g in gateways]
+        listeners += [
+            (f"sidecar of service '{s.name}'", s.sidecar.address, s.sidecar.port, s.source)
+            for s in services
+            if s.sidecar is not None
+        ]
+        for what, address, port, source in listeners:
+            key = (address, port)
             if key in listen:
+                other, other_source = listen[key]
                 self.error(
-                    gw.source,
-                    f"gateway '{gw.name}' listens on {gw.address}:{gw.port}, "
-                    f"already used by gateway '{listen[key].name}' ({listen[key].source}); "
-                    "pick another port",
+                    source,
+                    f"{what} listens on {address}:{port}, already used by {other} "
+                    f"({other_source}); pick another port",
                 )
-            listen[key] = gw
+            listen[key] = (what, source)
+        gateway_names = {g.name: g for g in gateways}
+        for svc in services:
+            group = Policy.sidecar_group(svc.name)
+            if svc.sidecar is not None and group in gateway_names:
+                self.error(
+                    gateway_names[group].source,
+                    f"gateway '{group}' has the node group name of the sidecar of service "
+                    f"'{svc.name}'; rename the gateway",
+                )
         issuer_urls: dict[str, Issuer] = {}
         for iss in issuers:
             if iss.issuer in issuer_urls:
@@ -721,8 +833,32 @@ class _Reader:
             roles=tuple(roles),
             bindings=tuple(bindings),
             default_action="deny",
+            mesh=self.mesh[0] if self.mesh else Mesh(),
             files=files,
         )
+
+
+def spiffe_pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is not a SPIFFE ID pattern (None when it is one).
+
+    ``spiffe://<trust-domain>/<segment>/...``; a segment may be ``*`` (exactly one
+    segment), and a trailing ``*`` segment matches one or more segments.
+    """
+    prefix = "spiffe://"
+    if not pattern.startswith(prefix):
+        return "is not a SPIFFE ID pattern; it must start with 'spiffe://'"
+    domain, _, path = pattern[len(prefix) :].partition("/")
+    if not _TRUST_DOMAIN_RE.match(domain):
+        return f"has an invalid trust domain '{domain}' (lowercase letters, digits, '.', '-', '_')"
+    if not path:
+        return "names no workload; add a path such as /ns/<namespace>/sa/<name>"
+    for segment in path.split("/"):
+        if segment != "*" and not _SPIFFE_SEGMENT_RE.match(segment):
+            return (
+                f"has an invalid path segment '{segment}'; use letters, digits, '.', '-', "
+                "'_', or '*' for a whole segment"
+            )
+    return None
 
 
 def _names(names: set[str]) -> str:

@@ -51,11 +51,37 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class Mesh:
+    """Mesh-wide identity settings: the SPIFFE trust domain and the namespace.
+
+    Every workload's identity is ``spiffe://<trust_domain>/ns/<namespace>/sa/<name>``
+    where ``name`` is the service (for a sidecar) or the gateway.
+    """
+
+    trust_domain: str = "meshward.local"
+    namespace: str = "default"
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """A service's sidecar proxy: the mTLS inbound listener in front of the service.
+
+    The sidecar is its own Envoy node group (:meth:`Policy.sidecar_group`); it accepts
+    only mTLS from workloads of the trust domain and forwards to the service's
+    endpoints.
+    """
+
+    port: int
+    address: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
 class Service:
-    """An upstream service: a name and the endpoints that serve it."""
+    """An upstream service: a name, the endpoints that serve it, and maybe a sidecar."""
 
     name: str
     endpoints: tuple[Endpoint, ...]
+    sidecar: Sidecar | None = None
     source: Source = field(default=_NO_SOURCE, compare=False)
 
 
@@ -87,14 +113,34 @@ class Route:
     source: Source = field(default=_NO_SOURCE, compare=False)
 
 
+#: TLS versions a gateway may require of outside clients.
+TLS_VERSIONS = ("1.2", "1.3")
+
+
+@dataclass(frozen=True)
+class GatewayTls:
+    """TLS termination for outside clients.
+
+    The gateway's server certificate is issued by the mesh CA for ``dns_names``;
+    clients verify it with the CA bundle. ``min_version`` "1.3" means TLS 1.3 only.
+    """
+
+    dns_names: tuple[str, ...] = ("localhost",)
+    min_version: str = "1.2"
+
+
 @dataclass(frozen=True)
 class Gateway:
-    """An Envoy listener. ``name`` is the Envoy node group (``node.cluster``)."""
+    """An Envoy listener. ``name`` is the Envoy node group (``node.cluster``).
+
+    With ``tls`` the listener terminates TLS (HTTPS); without it, plaintext HTTP.
+    """
 
     name: str
     port: int
     routes: tuple[Route, ...]
     address: str = "127.0.0.1"
+    tls: GatewayTls | None = None
     source: Source = field(default=_NO_SOURCE, compare=False)
 
 
@@ -147,12 +193,22 @@ class Role:
 
 @dataclass(frozen=True)
 class Binding:
-    """Grants ``role`` to JWT subjects (``sub``) and to members of groups."""
+    """Grants ``role`` to principals: end users and/or workloads.
+
+    *User* principals are JWT subjects (``sub``) and groups; *workload* principals are
+    SPIFFE ID patterns matched against the mTLS peer (``source.principal``). A binding
+    that names both kinds requires both (the request must come from a matching
+    workload *and* carry a matching user token); one that names one kind requires
+    that kind. Pattern syntax: an exact SPIFFE ID, ``*`` as a whole path segment for
+    exactly one segment, and a trailing ``/*`` for one or more segments
+    (``spiffe://example.org/ns/shop/*``).
+    """
 
     name: str
     role: str
     subjects: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
+    workloads: tuple[str, ...] = ()
     source: Source = field(default=_NO_SOURCE, compare=False)
 
 
@@ -167,6 +223,7 @@ class Policy:
     bindings: tuple[Binding, ...] = ()
     #: Only ``deny`` in v1: no rule matched → the request is denied.
     default_action: str = "deny"
+    mesh: Mesh = Mesh()
     version: str = ""
     #: The files the policy was read from, for status pages and logs.
     files: tuple[str, ...] = field(default=(), compare=False)
@@ -181,6 +238,7 @@ class Policy:
         roles: tuple[Role, ...] = (),
         bindings: tuple[Binding, ...] = (),
         default_action: str = "deny",
+        mesh: Mesh = Mesh(),
         files: tuple[str, ...] = (),
     ) -> Policy:
         """Create a policy and stamp it with its content-hash version."""
@@ -191,6 +249,7 @@ class Policy:
             roles=roles,
             bindings=bindings,
             default_action=default_action,
+            mesh=mesh,
             files=files,
         )
         digest = hashlib.sha256(unversioned.canonical_json().encode()).hexdigest()
@@ -201,6 +260,7 @@ class Policy:
             roles=roles,
             bindings=bindings,
             default_action=default_action,
+            mesh=mesh,
             version=digest[:12],
             files=files,
         )
@@ -221,6 +281,21 @@ class Policy:
             if r.name == name:
                 return r
         raise KeyError(name)
+
+    def spiffe_id(self, workload: str) -> str:
+        """The SPIFFE ID of a workload (a service or a gateway name)."""
+        return f"spiffe://{self.mesh.trust_domain}/ns/{self.mesh.namespace}/sa/{workload}"
+
+    @staticmethod
+    def sidecar_group(service: str) -> str:
+        """The Envoy node group (``node.cluster``) of a service's sidecar."""
+        return f"{service}-sidecar"
+
+    def node_groups(self) -> dict[str, str]:
+        """Every Envoy node group → the workload (gateway or service) it proxies for."""
+        groups = {g.name: g.name for g in self.gateways}
+        groups.update({self.sidecar_group(s.name): s.name for s in self.services if s.sidecar})
+        return groups
 
     def routes(self) -> tuple[Route, ...]:
         return tuple(r for g in self.gateways for r in g.routes)

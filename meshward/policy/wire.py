@@ -34,13 +34,16 @@ from meshward.policy.model import (
     Binding,
     Endpoint,
     Gateway,
+    GatewayTls,
     Issuer,
+    Mesh,
     Permission,
     Policy,
     Role,
     Route,
     RouteMatch,
     Service,
+    Sidecar,
     Source,
 )
 
@@ -157,12 +160,25 @@ _POLICY_PARTS: dict[str, type[Any]] = {
 # Types the decoder may meet, resolved once (the model uses postponed annotations).
 _HINTS: dict[type[Any], dict[str, Any]] = {
     cls: typing.get_type_hints(cls)
-    for cls in (Service, Endpoint, Gateway, Route, RouteMatch, Issuer, Role, Permission, Binding)
+    for cls in (
+        Service,
+        Endpoint,
+        Sidecar,
+        Gateway,
+        GatewayTls,
+        Route,
+        RouteMatch,
+        Issuer,
+        Role,
+        Permission,
+        Binding,
+        Mesh,
+    )
 }
 
 
 def _decode_policy(data: Any) -> Policy:
-    expected = {*_POLICY_PARTS, "default_action"}
+    expected = {*_POLICY_PARTS, "default_action", "mesh"}
     if not isinstance(data, dict):
         raise _ShapeError("", f"expected an object, got {type(data).__name__}")
     _check_keys(data, expected, "")
@@ -175,7 +191,8 @@ def _decode_policy(data: Any) -> Policy:
     default_action = data["default_action"]
     if not isinstance(default_action, str):
         raise _ShapeError("default_action", "expected a string")
-    return Policy.build(default_action=default_action, **parts)
+    mesh = _decode(Mesh, data["mesh"], "mesh")
+    return Policy.build(default_action=default_action, mesh=mesh, **parts)
 
 
 def _decode(cls: type[T], data: Any, path: str) -> T:
