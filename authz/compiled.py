@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from authz.authorization.rbac import RbacIndex
 from authz.identity.base import IdentityMethod
 from authz.identity.jwt import JwtMethod
+from authz.identity.mtls import MtlsMethod
 from meshward.policy.model import Policy
 
 
@@ -20,16 +21,23 @@ class CompiledPolicy:
     """What :func:`authz.decision.decide` needs from a policy."""
 
     version: str
-    #: Tried in order; the first to find its kind of credential decides the identity.
-    identity_methods: tuple[IdentityMethod, ...]
+    #: Methods establishing the *user* identity, tried in order; the first to find its
+    #: kind of credential decides it (a bad one is a 401).
+    user_methods: tuple[IdentityMethod, ...]
     rbac: RbacIndex
+    #: Methods establishing the *workload* identity (the mTLS peer), tried in order the
+    #: same way (a bad one is a 403 ``untrusted_workload``).
+    workload_methods: tuple[IdentityMethod, ...] = ()
 
 
 def compile_policy(policy: Policy) -> CompiledPolicy:
-    """Compile ``policy``. New identity methods are added to the tuple here."""
-    methods: list[IdentityMethod] = []
+    """Compile ``policy``. New identity methods are added to a tuple here."""
+    user_methods: list[IdentityMethod] = []
     if policy.issuers:
-        methods.append(JwtMethod(policy.issuers))
+        user_methods.append(JwtMethod(policy.issuers))
     return CompiledPolicy(
-        version=policy.version, identity_methods=tuple(methods), rbac=RbacIndex(policy)
+        version=policy.version,
+        user_methods=tuple(user_methods),
+        rbac=RbacIndex(policy),
+        workload_methods=(MtlsMethod(policy.mesh.trust_domain),),
     )

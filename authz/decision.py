@@ -1,15 +1,30 @@
 """The decision: a pure function of the parsed request, the compiled policy and a clock.
 
-Order (the first that applies decides):
+A request may carry a *workload* identity (the mTLS peer's SPIFFE ID, from
+``source.principal``) and a *user* identity (a JWT) at once; both are established
+first, then RBAC sees whichever are present. Order (the first that applies decides):
 
 1. no ``meshward.route`` context extension → 403 ``no_route`` (Envoy matched no
-   meshward route, so there is no policy for it);
-2. no credential of any supported kind → 401 ``missing_token``;
-3. a credential that is not acceptable → 401 with its reason (``invalid_token``,
-   ``token_expired``, ``unknown_issuer``, ``bad_audience``, … see
-   :mod:`authz.reasons`) and an RFC 6750 ``error="invalid_token"`` challenge;
-4. a valid identity without a matching permission → 403 ``forbidden`` (default deny);
-5. otherwise → allow, ``allowed``, naming the rule that matched.
+   meshward route, so there is no policy for it); credentials are not looked at;
+2. a user credential that is present but not acceptable → 401 with its reason
+   (``invalid_token``, ``token_expired``, ``unknown_issuer``, ``bad_audience``, … see
+   :mod:`authz.reasons`) and an RFC 6750 ``error="invalid_token"`` challenge — even
+   when the peer is also untrusted (a bad token is reported as such);
+3. a peer principal that is not a well-formed SPIFFE ID of the policy's trust domain
+   → 403 ``untrusted_workload`` (an empty principal is no workload identity, not an
+   error);
+4. RBAC with the identities present (see :mod:`authz.authorization.rbac`: a binding
+   naming users and workloads needs both). A matching rule → allow, ``allowed``,
+   naming the rule; ``subject`` is the user's subject if any, else the SPIFFE ID;
+5. no matching rule and no user credential → 401 ``missing_token`` with a bare
+   ``Bearer`` challenge, also when a workload identity is present (a user token might
+   still grant access; the rule is kept simple and predictable);
+6. no matching rule with a valid user credential → 403 ``forbidden`` (default deny).
+
+``auth_method`` names the methods whose credentials were presented (valid or not):
+``jwt``, ``mtls``, ``mtls+jwt``, or ``none``; empty when identity was not looked at.
+``workload`` is the peer's SPIFFE ID (on ``untrusted_workload``: the rejected
+principal, for the span and decision log only).
 
 No I/O, no globals, nothing but the inputs (and a random decision id when none is
 given), so the serving loop around it can change freely.
@@ -22,7 +37,8 @@ from dataclasses import dataclass
 
 from authz import reasons
 from authz.compiled import CompiledPolicy
-from authz.identity.base import AuthenticationError, Identity
+from authz.identity.base import AuthenticationError, Identities, Identity
+from authz.identity.mtls import MAX_SPIFFE_ID_LENGTH
 from authz.request import AuthzRequest
 
 #: The ``realm`` of every ``WWW-Authenticate`` challenge.
@@ -37,8 +53,12 @@ class Decision:
     http_status: int
     reason: str
     decision_id: str
+    #: The user's subject if any, else the workload's SPIFFE ID (see module docstring).
     subject: str = ""
+    #: ``jwt``, ``mtls``, ``mtls+jwt`` or ``none`` (empty: identity not looked at).
     auth_method: str = ""
+    #: The mTLS peer's SPIFFE ID, empty without one.
+    workload: str = ""
     route: str = ""
     service: str = ""
     gateway: str = ""
@@ -76,49 +96,98 @@ def decide(
     if not request.route:
         return Decision(allowed=False, http_status=403, reason=reasons.NO_ROUTE, **common)
 
-    identity: Identity | None = None
-    for method in policy.identity_methods:
+    # Workload first (cheap, cached), but its error is reported after a bad token's.
+    workload: Identity | None = None
+    workload_error: AuthenticationError | None = None
+    workload_method = ""
+    for method in policy.workload_methods:
         try:
-            identity = method.authenticate(request, now)
+            workload = method.authenticate(request, now)
+        except AuthenticationError as error:
+            workload_error, workload_method = error, method.name
+            break
+        if workload is not None:
+            workload_method = method.name
+            break
+    if workload is not None:
+        peer = workload.subject
+    elif workload_error is not None:
+        peer = request.source_principal[:MAX_SPIFFE_ID_LENGTH]
+    else:
+        peer = ""
+
+    user: Identity | None = None
+    user_method = ""
+    for method in policy.user_methods:
+        try:
+            user = method.authenticate(request, now)
         except AuthenticationError as error:
             return Decision(
                 allowed=False,
                 http_status=401,
                 reason=error.reason,
-                auth_method=method.name,
+                subject=workload.subject if workload is not None else "",
+                auth_method=_auth_method(workload_method, method.name),
+                workload=peer,
                 www_authenticate=bearer_challenge(error.description),
                 **common,
             )
-        if identity is not None:
+        if user is not None:
+            user_method = method.name
             break
-    if identity is None:
+
+    auth_method = _auth_method(workload_method, user_method)
+    if workload_error is not None:
         return Decision(
             allowed=False,
-            http_status=401,
-            reason=reasons.MISSING_TOKEN,
-            www_authenticate=bearer_challenge(None),
+            http_status=403,
+            reason=workload_error.reason,
+            subject=user.subject if user is not None else "",
+            auth_method=auth_method,
+            workload=peer,
             **common,
         )
 
-    match = policy.rbac.authorize(identity, request)
+    identities = Identities(workload, user)
+    match = policy.rbac.authorize(identities, request)
     if match is None:
+        if user is None:
+            return Decision(
+                allowed=False,
+                http_status=401,
+                reason=reasons.MISSING_TOKEN,
+                subject=identities.subject,
+                auth_method=auth_method,
+                workload=peer,
+                www_authenticate=bearer_challenge(None),
+                **common,
+            )
         return Decision(
             allowed=False,
             http_status=403,
             reason=reasons.FORBIDDEN,
-            subject=identity.subject,
-            auth_method=identity.method,
+            subject=user.subject,
+            auth_method=auth_method,
+            workload=peer,
             **common,
         )
     return Decision(
         allowed=True,
         http_status=200,
         reason=reasons.ALLOWED,
-        subject=identity.subject,
-        auth_method=identity.method,
+        subject=identities.subject,
+        auth_method=auth_method,
+        workload=peer,
         matched_rule=str(match),
         **common,
     )
+
+
+def _auth_method(workload_method: str, user_method: str) -> str:
+    """``mtls+jwt``, ``mtls``, ``jwt`` … or ``none``: the methods that saw a credential."""
+    if workload_method and user_method:
+        return f"{workload_method}+{user_method}"
+    return workload_method or user_method or "none"
 
 
 def failure_decision(reason: str, policy_version: str, http_status: int = 403) -> Decision:

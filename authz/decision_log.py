@@ -38,6 +38,7 @@ def decision_record(
         + f".{int(ts * 1000) % 1000:03d}Z",
         "subject": decision.subject,
         "auth_method": decision.auth_method,
+        "workload": decision.workload,
         "route": decision.route,
         "service": decision.service,
         "gateway": decision.gateway,

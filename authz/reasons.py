@@ -32,6 +32,9 @@ UNKNOWN_KEY = "unknown_key"
 BAD_SIGNATURE = "bad_signature"
 #: A valid identity without a permission for this method, path and service.
 FORBIDDEN = "forbidden"
+#: The mTLS peer's principal is not a well-formed SPIFFE ID of the policy's trust
+#: domain (HTTP 403: the connection itself is not from a trusted workload).
+UNTRUSTED_WORKLOAD = "untrusted_workload"
 #: The CheckRequest could not be decoded.
 MALFORMED_REQUEST = "malformed_request"
 #: authz failed internally; it fails closed.
@@ -56,6 +59,15 @@ INVALID_CREDENTIAL = frozenset(
 
 #: Every reason code.
 ALL = frozenset(
-    {ALLOWED, NO_ROUTE, MISSING_TOKEN, FORBIDDEN, MALFORMED_REQUEST, INTERNAL_ERROR, NO_POLICY}
+    {
+        ALLOWED,
+        NO_ROUTE,
+        MISSING_TOKEN,
+        FORBIDDEN,
+        UNTRUSTED_WORKLOAD,
+        MALFORMED_REQUEST,
+        INTERNAL_ERROR,
+        NO_POLICY,
+    }
     | INVALID_CREDENTIAL
 )

@@ -1,10 +1,13 @@
 """Decision → ``CheckResponse``, as Envoy's ext_authz filter reads it.
 
 - Allow: ``status.code = OK`` and ``ok_response.headers`` adding
-  ``x-meshward-subject`` and ``x-meshward-decision-id`` to the upstream request with
-  ``append_action = OVERWRITE_IF_EXISTS_OR_ADD``: a client-supplied
-  ``x-meshward-subject`` is replaced, never passed along (the default append action
-  would *append*, letting a client smuggle an identity).
+  ``x-meshward-subject`` (the user's subject, else the peer's SPIFFE ID),
+  ``x-meshward-decision-id`` and, when the peer has a workload identity,
+  ``x-meshward-workload`` (its SPIFFE ID) to the upstream request with
+  ``append_action = OVERWRITE_IF_EXISTS_OR_ADD``: a client-supplied value is replaced,
+  never passed along (the default append action would *append*, letting a client
+  smuggle an identity). Without a workload identity a client-supplied
+  ``x-meshward-workload`` is removed (``headers_to_remove``) for the same reason.
 - Deny: ``status.code = UNAUTHENTICATED`` (16) for 401s, ``PERMISSION_DENIED`` (7)
   otherwise, and ``denied_response`` with the HTTP status, ``content-type:
   application/json``, the body ``{"decision":"deny","reason":…,"decision_id":…}``
@@ -24,6 +27,7 @@ from authz.decision import Decision
 
 SUBJECT_HEADER = "x-meshward-subject"
 DECISION_ID_HEADER = "x-meshward-decision-id"
+WORKLOAD_HEADER = "x-meshward-workload"
 
 #: google.rpc.Code values used here.
 GRPC_OK = 0
@@ -31,6 +35,7 @@ GRPC_PERMISSION_DENIED = 7
 GRPC_UNAUTHENTICATED = 16
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_REMOVE_WORKLOAD = (WORKLOAD_HEADER,)
 
 
 def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
@@ -50,14 +55,19 @@ def deny_body(decision: Decision) -> str:
 def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
     """The ``CheckResponse`` that tells Envoy what to do with the request."""
     if decision.allowed:
+        headers = [
+            _header(SUBJECT_HEADER, decision.subject),
+            _header(DECISION_ID_HEADER, decision.decision_id),
+        ]
+        if decision.workload:
+            headers.append(_header(WORKLOAD_HEADER, decision.workload))
+            ok = external_auth_pb2.OkHttpResponse(headers=headers)
+        else:
+            ok = external_auth_pb2.OkHttpResponse(
+                headers=headers, headers_to_remove=_REMOVE_WORKLOAD
+            )
         return external_auth_pb2.CheckResponse(
-            status=status_pb2.Status(code=GRPC_OK),
-            ok_response=external_auth_pb2.OkHttpResponse(
-                headers=[
-                    _header(SUBJECT_HEADER, decision.subject),
-                    _header(DECISION_ID_HEADER, decision.decision_id),
-                ]
-            ),
+            status=status_pb2.Status(code=GRPC_OK), ok_response=ok
         )
     headers = [_header("content-type", "application/json")]
     if decision.http_status == 401:

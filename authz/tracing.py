@@ -105,6 +105,7 @@ def span_attributes(
     optional: tuple[tuple[str, str], ...] = (
         ("meshward.subject", decision.subject),
         ("meshward.auth_method", decision.auth_method),
+        ("meshward.workload", decision.workload),
         ("meshward.route", decision.route),
         ("meshward.service", decision.service),
         ("meshward.gateway", decision.gateway),

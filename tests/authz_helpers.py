@@ -23,6 +23,7 @@ from meshward.policy.model import (
     Endpoint,
     Gateway,
     Issuer,
+    Mesh,
     Permission,
     Policy,
     Role,
@@ -33,6 +34,12 @@ from meshward.policy.model import (
 
 DEMO_ISSUER = "https://demo.meshward.local"
 DEMO_AUDIENCE = "meshward-demo"
+DEMO_TRUST_DOMAIN = "meshward.local"
+
+
+def spiffe(name: str, namespace: str = "default", trust_domain: str = DEMO_TRUST_DOMAIN) -> str:
+    """A workload's SPIFFE ID, as ``Policy.spiffe_id`` makes it."""
+    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{name}"
 
 
 @dataclass(frozen=True)
@@ -182,4 +189,42 @@ def demo_policy(jwks_document: dict[str, Any]) -> Policy:
             Binding("staff-read-orders", "orders-reader", groups=("staff",)),
             Binding("alice-runs-orders", "orders-admin", subjects=("alice",)),
         ),
+    )
+
+
+def rebuilt(policy: Policy, **changes: Any) -> Policy:
+    """``policy`` with some fields replaced, re-versioned (``Policy.build``)."""
+    fields: dict[str, Any] = {
+        "services": policy.services,
+        "gateways": policy.gateways,
+        "issuers": policy.issuers,
+        "roles": policy.roles,
+        "bindings": policy.bindings,
+        "default_action": policy.default_action,
+        "mesh": policy.mesh,
+    }
+    fields.update(changes)
+    return Policy.build(**fields)
+
+
+#: Bindings of :func:`workload_policy` beyond the demo's user bindings.
+WORKLOAD_BINDINGS = (
+    # workloads only: the orders service may read the catalog
+    Binding("orders-reads-catalog", "catalog-reader", workloads=(spiffe("orders"),)),
+    # workloads only, trailing wildcard: any workload of namespace "batch" reads orders
+    Binding(
+        "batch-reads-orders", "orders-reader", workloads=("spiffe://meshward.local/ns/batch/*",)
+    ),
+    # users *and* workloads: group "ops", but only through the "console" workload
+    Binding("ops-via-console", "orders-admin", groups=("ops",), workloads=(spiffe("console"),)),
+)
+
+
+def workload_policy(jwks_document: dict[str, Any]) -> Policy:
+    """:func:`demo_policy` plus :data:`WORKLOAD_BINDINGS` (trust domain ``meshward.local``)."""
+    base = demo_policy(jwks_document)
+    return rebuilt(
+        base,
+        bindings=(*base.bindings, *WORKLOAD_BINDINGS),
+        mesh=Mesh(trust_domain=DEMO_TRUST_DOMAIN),
     )

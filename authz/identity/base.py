@@ -1,23 +1,30 @@
 """The identity phase's one small interface.
 
-An :class:`IdentityMethod` looks at a request for one kind of credential (a JWT, an
-API key, an mTLS peer certificate …) and answers in one of three ways:
+A request can carry two kinds of identity at once:
+
+- a *workload* identity: the mTLS peer (a SPIFFE ID), vouched for by the transport;
+- a *user* identity: an end user's credential (a JWT, later an API key …).
+
+An :class:`IdentityMethod` looks at a request for one kind of credential and answers
+in one of three ways:
 
 - an :class:`Identity` — the credential is present and valid;
-- ``None`` — the request carries no credential of this kind (the next method is tried;
-  when none answers, the request is unauthenticated);
+- ``None`` — the request carries no credential of this kind (the next method of the
+  same kind is tried; when none answers, the request has no identity of that kind);
 - raises :class:`AuthenticationError` — a credential of this kind is present but not
   acceptable. The request is then rejected; later methods are not consulted, so a bad
   token can never fall through to a weaker method.
 
-A new method is a new module implementing ``authenticate``; the decision code does not
-change.
+Which kind a method establishes is decided by where :mod:`authz.compiled` puts it
+(``workload_methods`` or ``user_methods``), not by the method itself. The result of
+the phase is one :class:`Identities`. A new method is a new module implementing
+``authenticate``; the decision code does not change.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from authz.request import AuthzRequest
 
@@ -26,20 +33,44 @@ from authz.request import AuthzRequest
 class Identity:
     """Who is asking: what RBAC bindings match against."""
 
+    #: A user's subject, or a workload's SPIFFE ID.
     subject: str
     groups: tuple[str, ...] = ()
-    #: The identity method that vouched for it: ``jwt``, later ``api_key``, ``mtls``.
+    #: The identity method that vouched for it: ``jwt``, ``mtls``, later ``api_key``.
     method: str = ""
-    #: Who issued the credential (a JWT ``iss``, a CA, …); informational.
+    #: Who issued the credential (a JWT ``iss``, a trust domain, …); informational.
     issuer: str = ""
+
+
+class Identities(NamedTuple):
+    """Everything the identity phase established about one request.
+
+    (A named tuple: made once per Check, and cheaper to make than a frozen dataclass.)
+    """
+
+    #: The mTLS peer (``subject`` is its SPIFFE ID), when the connection has one.
+    workload: Identity | None = None
+    #: The end user (a verified JWT …), when the request carries a credential.
+    user: Identity | None = None
+
+    @property
+    def subject(self) -> str:
+        """The user's subject if any, else the workload's SPIFFE ID, else empty."""
+        if self.user is not None:
+            return self.user.subject
+        return self.workload.subject if self.workload is not None else ""
+
+
+NO_IDENTITIES = Identities()
 
 
 class AuthenticationError(Exception):
     """A credential is present but not acceptable.
 
-    ``reason`` is one of :data:`authz.reasons.INVALID_CREDENTIAL`; ``description`` is a
-    short fixed phrase safe to show the client (RFC 6750 ``error_description``): never
-    key material, token contents or policy text.
+    ``reason`` is one of :data:`authz.reasons.INVALID_CREDENTIAL` (user credentials) or
+    :data:`authz.reasons.UNTRUSTED_WORKLOAD` (the mTLS peer); ``description`` is a short
+    fixed phrase safe to show the client (RFC 6750 ``error_description``): never key
+    material, token contents or policy text.
     """
 
     def __init__(self, reason: str, description: str) -> None:

@@ -347,3 +347,46 @@ def test_stop_then_port_refuses() -> None:
             grpc.StatusCode.UNAVAILABLE,
             grpc.StatusCode.DEADLINE_EXCEEDED,
         )
+
+
+def test_mtls_principal_over_grpc(running: Running, key: testing.SigningKey) -> None:
+    service = running.service
+    base = testing.demo_policy(testing.jwks(key))
+    service.set_policy(testing.workload_policy(testing.jwks(key)))
+    orders = testing.spiffe("orders")
+    try:
+        running.memory.clear()
+        allowed = running.stub.Check(
+            testing.check_request(
+                "GET", "/catalog/items", {"x-meshward-workload": "spiffe://meshward.local/x"},
+                route="catalog-api", service="catalog", principal=orders,
+            ),
+            timeout=5,
+        )  # fmt: skip
+        assert allowed.status.code == 0
+        values = {h.header.key: h.header.value for h in allowed.ok_response.headers}
+        assert values["x-meshward-workload"] == values["x-meshward-subject"] == orders
+        untrusted = running.stub.Check(
+            testing.check_request(
+                "GET", "/catalog/items", route="catalog-api", service="catalog",
+                principal="spiffe://example.org/ns/default/sa/orders",
+            ),
+            timeout=5,
+        )  # fmt: skip
+        assert untrusted.status.code == 7
+        assert untrusted.denied_response.status.code == 403
+        assert json.loads(untrusted.denied_response.body)["reason"] == "untrusted_workload"
+        no_token = running.stub.Check(
+            testing.check_request("DELETE", "/orders/1", principal=orders), timeout=5
+        )
+        assert no_token.status.code == 16
+        assert json.loads(no_token.denied_response.body)["reason"] == "missing_token"
+        spans = [dict(s.attributes or {}) for s in running.memory.get_finished_spans()]
+        assert [(s["meshward.reason"], s.get("meshward.workload"), s["meshward.auth_method"])
+                for s in spans] == [
+            ("allowed", orders, "mtls"),
+            ("untrusted_workload", "spiffe://example.org/ns/default/sa/orders", "mtls"),
+            ("missing_token", orders, "mtls"),
+        ]  # fmt: skip
+    finally:
+        service.set_policy(base)

@@ -171,7 +171,7 @@ def test_a_bad_token_never_falls_through_to_a_later_method(
         def authenticate(self, request: AuthzRequest, now: float) -> Identity | None:
             return Identity("alice", (), "anyone")
 
-    lenient = replace(compiled, identity_methods=(*compiled.identity_methods, Anyone()))
+    lenient = replace(compiled, user_methods=(*compiled.user_methods, Anyone()))
     bad = testing.check_request("GET", "/orders", bearer(key, "alice", [], audience="x"))
     assert decide_for(lenient, bad).reason == reasons.BAD_AUDIENCE
     none = testing.check_request("GET", "/orders")
@@ -304,9 +304,192 @@ def test_checker_denies_undecodable_and_internal_errors(compiled: CompiledPolicy
         def authenticate(self, request: AuthzRequest, now: float) -> Identity | None:
             raise RuntimeError("secret internal detail")
 
-    checker.policy = replace(compiled, identity_methods=(Broken(),))
+    checker.policy = replace(compiled, user_methods=(Broken(),))
     response = checker.check(testing.check_request("GET", "/orders"))
     assert response.status.code == 7
     assert response.denied_response.status.code == 500
     assert json.loads(response.denied_response.body)["reason"] == reasons.INTERNAL_ERROR
     assert "secret" not in str(response)
+
+
+# -- workload identity (mTLS) --------------------------------------------------------
+
+ORDERS = testing.spiffe("orders")
+CONSOLE = testing.spiffe("console")
+
+
+@pytest.fixture(scope="module")
+def mesh(key: testing.SigningKey) -> CompiledPolicy:
+    return compile_policy(testing.workload_policy(testing.jwks(key)))
+
+
+def catalog(headers: dict[str, str] | None = None, principal: str = "", **kw: Any) -> Any:
+    return testing.check_request(
+        "GET", "/catalog/items", headers, route="catalog-api", service="catalog",
+        principal=principal, **kw,
+    )  # fmt: skip
+
+
+def outcome(decision: Decision) -> tuple[bool, int, str, str, str, str]:
+    return (
+        decision.allowed,
+        decision.http_status,
+        decision.reason,
+        decision.auth_method,
+        decision.subject,
+        decision.workload,
+    )
+
+
+def test_workload_only_binding_allows_the_peer_alone(mesh: CompiledPolicy) -> None:
+    decision = decide_for(mesh, catalog(principal=ORDERS))
+    assert outcome(decision) == (True, 200, reasons.ALLOWED, "mtls", ORDERS, ORDERS)
+    assert decision.matched_rule == "orders-reads-catalog/catalog-reader#0"
+    assert decision.www_authenticate == ""
+
+
+def test_trailing_wildcard_binding(mesh: CompiledPolicy) -> None:
+    job = testing.spiffe("nightly", namespace="batch")
+    decision = decide_for(mesh, testing.check_request("GET", "/orders/1", principal=job))
+    assert decision.allowed and decision.matched_rule == "batch-reads-orders/orders-reader#0"
+    no_segment = "spiffe://meshward.local/ns/batch"
+    decision = decide_for(mesh, testing.check_request("GET", "/orders/1", principal=no_segment))
+    assert (decision.http_status, decision.reason) == (401, reasons.MISSING_TOKEN)
+
+
+def test_workload_without_a_match_and_without_token_is_missing_token(
+    mesh: CompiledPolicy,
+) -> None:
+    decision = decide_for(mesh, testing.check_request("DELETE", "/orders/1", principal=ORDERS))
+    assert outcome(decision) == (False, 401, reasons.MISSING_TOKEN, "mtls", ORDERS, ORDERS)
+    assert decision.www_authenticate == 'Bearer realm="meshward"'
+
+
+def test_workload_and_token_without_a_match_is_forbidden(
+    mesh: CompiledPolicy, key: testing.SigningKey
+) -> None:
+    message = testing.check_request(
+        "DELETE", "/orders/1", bearer(key, "bob", ["customers"]), principal=ORDERS
+    )
+    decision = decide_for(mesh, message)
+    assert outcome(decision) == (False, 403, reasons.FORBIDDEN, "mtls+jwt", "bob", ORDERS)
+    assert decision.www_authenticate == ""
+
+
+def test_binding_with_users_and_workloads_needs_both(
+    mesh: CompiledPolicy, key: testing.SigningKey
+) -> None:
+    ops = bearer(key, "dave", ["ops"])
+    alone = decide_for(mesh, testing.check_request("DELETE", "/orders/1", principal=CONSOLE))
+    assert (alone.http_status, alone.reason) == (401, reasons.MISSING_TOKEN)
+    user_alone = decide_for(mesh, testing.check_request("DELETE", "/orders/1", ops))
+    assert outcome(user_alone) == (False, 403, reasons.FORBIDDEN, "jwt", "dave", "")
+    other_peer = decide_for(
+        mesh, testing.check_request("DELETE", "/orders/1", ops, principal=ORDERS)
+    )
+    assert other_peer.reason == reasons.FORBIDDEN
+    both = decide_for(mesh, testing.check_request("DELETE", "/orders/1", ops, principal=CONSOLE))
+    assert outcome(both) == (True, 200, reasons.ALLOWED, "mtls+jwt", "dave", CONSOLE)
+    assert both.matched_rule == "ops-via-console/orders-admin#0"
+
+
+def test_user_binding_still_allows_with_a_workload_present(
+    mesh: CompiledPolicy, key: testing.SigningKey
+) -> None:
+    message = testing.check_request("POST", "/orders", bearer(key, "alice", []), principal=ORDERS)
+    decision = decide_for(mesh, message)
+    assert outcome(decision) == (True, 200, reasons.ALLOWED, "mtls+jwt", "alice", ORDERS)
+    assert decision.matched_rule == "alice-runs-orders/orders-admin#0"
+
+
+@pytest.mark.parametrize(
+    "principal",
+    [
+        "spiffe://example.org/ns/default/sa/orders",
+        "orders.default.svc",
+        "spiffe://meshward.local/ns/../sa/orders",
+    ],
+)
+def test_untrusted_workload_is_403_even_with_a_valid_token(
+    mesh: CompiledPolicy, key: testing.SigningKey, principal: str
+) -> None:
+    alone = decide_for(mesh, catalog(principal=principal))
+    assert outcome(alone) == (False, 403, reasons.UNTRUSTED_WORKLOAD, "mtls", "", principal)
+    assert alone.www_authenticate == "" and alone.matched_rule == ""
+    message = testing.check_request(
+        "POST", "/orders", bearer(key, "alice", []), principal=principal
+    )
+    with_token = decide_for(mesh, message)
+    assert outcome(with_token) == (
+        False, 403, reasons.UNTRUSTED_WORKLOAD, "mtls+jwt", "alice", principal,
+    )  # fmt: skip
+    response = to_check_response(with_token)
+    assert response.status.code == 7
+    assert json.loads(response.denied_response.body)["reason"] == "untrusted_workload"
+
+
+def test_bad_token_wins_over_untrusted_workload_and_no_route_over_both(
+    mesh: CompiledPolicy, key: testing.SigningKey
+) -> None:
+    untrusted = "spiffe://example.org/ns/default/sa/orders"
+    expired = bearer(key, "alice", [], ttl=-60)
+    decision = decide_for(
+        mesh, testing.check_request("GET", "/orders", expired, principal=untrusted)
+    )
+    assert (decision.http_status, decision.reason, decision.auth_method) == (
+        401,
+        reasons.TOKEN_EXPIRED,
+        "mtls+jwt",
+    )
+    assert decision.www_authenticate.startswith('Bearer realm="meshward", error="invalid_token"')
+    valid_peer_bad_token = decide_for(
+        mesh, testing.check_request("GET", "/orders", expired, principal=ORDERS)
+    )
+    assert outcome(valid_peer_bad_token) == (
+        False, 401, reasons.TOKEN_EXPIRED, "mtls+jwt", ORDERS, ORDERS,
+    )  # fmt: skip
+    no_route = decide_for(
+        mesh, testing.check_request("GET", "/orders", expired, route=None, principal=untrusted)
+    )
+    assert outcome(no_route) == (False, 403, reasons.NO_ROUTE, "", "", "")
+
+
+def test_no_credential_at_all_is_auth_method_none(mesh: CompiledPolicy) -> None:
+    decision = decide_for(mesh, catalog())
+    assert outcome(decision) == (False, 401, reasons.MISSING_TOKEN, "none", "", "")
+
+
+def test_allow_response_sets_workload_header_overwriting_the_client(
+    mesh: CompiledPolicy, key: testing.SigningKey
+) -> None:
+    spoofed = {"x-meshward-workload": testing.spiffe("admin"), "x-meshward-subject": "root"}
+    decision = decide_for(mesh, catalog(spoofed, principal=ORDERS))
+    response = to_check_response(decision)
+    assert response.status.code == 0
+    assert headers_of(response.ok_response.headers) == {
+        "x-meshward-subject": (ORDERS, OVERWRITE),
+        "x-meshward-decision-id": (decision.decision_id, OVERWRITE),
+        "x-meshward-workload": (ORDERS, OVERWRITE),
+    }
+    assert list(response.ok_response.headers_to_remove) == []
+    both = decide_for(
+        mesh,
+        testing.check_request(
+            "DELETE", "/orders/1", {**bearer(key, "dave", ["ops"]), **spoofed}, principal=CONSOLE
+        ),
+    )
+    values = headers_of(to_check_response(both).ok_response.headers)
+    assert values["x-meshward-subject"] == ("dave", OVERWRITE)
+    assert values["x-meshward-workload"] == (CONSOLE, OVERWRITE)
+
+
+def test_allow_without_workload_removes_a_client_workload_header(
+    mesh: CompiledPolicy, key: testing.SigningKey
+) -> None:
+    spoofed = {**bearer(key, "alice", []), "x-meshward-workload": ORDERS}
+    response = to_check_response(
+        decide_for(mesh, testing.check_request("POST", "/orders", spoofed))
+    )
+    assert response.status.code == 0
+    assert "x-meshward-workload" not in headers_of(response.ok_response.headers)
+    assert list(response.ok_response.headers_to_remove) == ["x-meshward-workload"]

@@ -65,6 +65,7 @@ def test_background_writer_writes_every_decision_as_one_json_line(
         "ts": "2027-01-15T08:00:00.123Z",
         "subject": "user0",
         "auth_method": "jwt",
+        "workload": "",
         "route": "orders-api",
         "service": "orders",
         "gateway": "edge",

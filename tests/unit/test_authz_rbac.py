@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from authz.authorization.rbac import RbacIndex, RuleMatch, is_plain_path
-from authz.identity.base import Identity
+from authz.authorization.rbac import (
+    RbacIndex,
+    RuleMatch,
+    is_plain_path,
+    workload_pattern_matches,
+)
+from authz.identity.base import Identities, Identity
 from meshward.policy.model import Binding, Permission, Policy, Role
 
 
@@ -13,9 +18,13 @@ def index(*roles: Role, bindings: tuple[Binding, ...]) -> RbacIndex:
     return RbacIndex(Policy.build(roles=roles, bindings=bindings))
 
 
-ALICE = Identity("alice", (), "jwt")
-BOB_STAFF = Identity("bob", ("staff",), "jwt")
-CAROL = Identity("carol", ("customers",), "jwt")
+def user(subject: str, groups: tuple[str, ...] = ()) -> Identities:
+    return Identities(user=Identity(subject, groups, "jwt"))
+
+
+ALICE = user("alice")
+BOB_STAFF = user("bob", ("staff",))
+CAROL = user("carol", ("customers",))
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +67,12 @@ def test_any_path_and_any_method_for_subject(rbac: RbacIndex) -> None:
 
 
 def test_subject_binding_is_by_subject_not_group(rbac: RbacIndex) -> None:
-    impostor = Identity("mallory", ("alice",), "jwt")
+    impostor = user("mallory", ("alice",))
     assert rbac.match(impostor, "GET", "/x", "orders") is None
 
 
 def test_group_binding_is_by_group_not_subject(rbac: RbacIndex) -> None:
-    named_staff = Identity("staff", (), "jwt")
+    named_staff = user("staff")
     assert rbac.match(named_staff, "GET", "/orders", "orders") is None
 
 
@@ -77,7 +86,7 @@ def test_services_restrict_a_permission(rbac: RbacIndex) -> None:
 
 
 def test_no_binding_denies(rbac: RbacIndex) -> None:
-    assert rbac.match(Identity("nobody", ("nogroup",), "jwt"), "GET", "/orders", "o") is None
+    assert rbac.match(user("nobody", ("nogroup",)), "GET", "/orders", "o") is None
     assert index(bindings=()).match(ALICE, "GET", "/", "orders") is None
 
 
@@ -90,7 +99,7 @@ def test_first_matching_binding_in_policy_order_is_reported() -> None:
             Binding("by-subject", "r2", subjects=("s",)),
         ),
     )
-    identity = Identity("s", ("g",), "jwt")
+    identity = user("s", ("g",))
     # by-group comes first in the policy, even though subject grants are looked at first.
     assert rbac.match(identity, "GET", "/a", "svc") == RuleMatch("by-group", "r1", 1)
     assert rbac.match(identity, "GET", "/b", "svc") == RuleMatch("by-subject", "r2", 0)
@@ -140,3 +149,150 @@ def test_authorize_reads_method_path_and_service_of_the_request(rbac: RbacIndex)
     )
     assert rbac.authorize(CAROL, request("GET", "/items/9", "orders")) is None
     assert rbac.authorize(CAROL, request("POST", "/items/9", "catalog")) is None
+
+
+# -- workload principals (SPIFFE ID patterns) ---------------------------------------
+
+TD = "spiffe://meshward.local"
+
+
+def workload(spiffe_id: str, user_identity: Identities | None = None) -> Identities:
+    return Identities(
+        workload=Identity(spiffe_id, (), "mtls", "meshward.local"),
+        user=user_identity.user if user_identity is not None else None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("pattern", "spiffe_id", "matches"),
+    [
+        # exact
+        (f"{TD}/ns/default/sa/orders", f"{TD}/ns/default/sa/orders", True),
+        (f"{TD}/ns/default/sa/orders", f"{TD}/ns/default/sa/orders2", False),
+        (f"{TD}/ns/default/sa/orders", f"{TD}/ns/default/sa/orders/x", False),
+        # "*" in the middle: exactly one segment
+        (f"{TD}/ns/*/sa/orders", f"{TD}/ns/shop/sa/orders", True),
+        (f"{TD}/ns/*/sa/orders", f"{TD}/ns/a/b/sa/orders", False),
+        (f"{TD}/ns/*/sa/orders", f"{TD}/ns/sa/orders", False),
+        (f"{TD}/ns/*/sa/orders", f"{TD}/ns/shop/sa/catalog", False),
+        (f"{TD}/*/*", f"{TD}/a/b", True),
+        (f"{TD}/*/*", f"{TD}/a", False),
+        # trailing "/*": one or more segments
+        (f"{TD}/ns/shop/*", f"{TD}/ns/shop/sa", True),
+        (f"{TD}/ns/shop/*", f"{TD}/ns/shop/sa/orders", True),
+        (f"{TD}/ns/shop/*", f"{TD}/ns/shop", False),  # needs at least one segment
+        (f"{TD}/ns/shop/*", f"{TD}/ns/shopping/sa/orders", False),
+        (f"{TD}/*", f"{TD}/anything/at/all", True),
+        (f"{TD}/ns/*/sa/*", f"{TD}/ns/shop/sa/orders/v2", True),
+        (f"{TD}/ns/*/sa/*", f"{TD}/ns/shop/sa", False),
+        # never a partial segment: "ord*" is a literal, not a wildcard
+        (f"{TD}/ns/default/sa/ord*", f"{TD}/ns/default/sa/orders", False),
+        (f"{TD}/ns/def*/sa/orders", f"{TD}/ns/default/sa/orders", False),
+        # another trust domain never matches
+        ("spiffe://example.org/ns/default/sa/orders", f"{TD}/ns/default/sa/orders", False),
+        ("spiffe://example.org/*", f"{TD}/ns/default/sa/orders", False),
+        ("spiffe://meshward.local.evil/*", f"{TD}/ns/default/sa/orders", False),
+        ("spiffe://meshward/*", f"{TD}/ns/default/sa/orders", False),
+    ],
+)
+def test_workload_patterns(pattern: str, spiffe_id: str, matches: bool) -> None:
+    assert workload_pattern_matches(pattern, spiffe_id) is matches
+    # … and the compiled index agrees (exact dict or split segments).
+    rbac = index(
+        Role("any", (Permission((), ("*",)),)),
+        bindings=(Binding("b", "any", workloads=(pattern,)),),
+    )
+    found = rbac.match(workload(spiffe_id), "GET", "/", "svc")
+    assert (found == RuleMatch("b", "any", 0)) if matches else (found is None)
+
+
+@pytest.fixture(scope="module")
+def mixed() -> RbacIndex:
+    return index(
+        Role("read", (Permission(("GET",), ("*",)),)),
+        Role("write", (Permission(("POST",), ("*",)),)),
+        Role("delete", (Permission(("DELETE",), ("*",)),)),
+        bindings=(
+            Binding("users-read", "read", subjects=("alice",), groups=("staff",)),
+            Binding("orders-writes", "write", workloads=(f"{TD}/ns/default/sa/orders",)),
+            Binding(
+                "ops-via-console",
+                "delete",
+                groups=("ops",),
+                workloads=(f"{TD}/ns/default/sa/console", f"{TD}/ns/tools/*"),
+            ),
+        ),
+    )
+
+
+ORDERS = f"{TD}/ns/default/sa/orders"
+CONSOLE = f"{TD}/ns/default/sa/console"
+
+
+def test_user_only_binding_needs_the_user_and_ignores_the_workload(mixed: RbacIndex) -> None:
+    assert mixed.match(user("alice"), "GET", "/", "s") == RuleMatch("users-read", "read", 0)
+    assert mixed.match(workload(ORDERS, user("bob", ("staff",))), "GET", "/", "s") is not None
+    assert mixed.match(workload(ORDERS), "GET", "/", "s") is None  # a workload is no user
+    assert mixed.match(Identities(), "GET", "/", "s") is None
+
+
+def test_workload_only_binding_needs_the_workload_and_ignores_the_user(mixed: RbacIndex) -> None:
+    assert mixed.match(workload(ORDERS), "POST", "/", "s") == RuleMatch("orders-writes", "write", 0)
+    assert mixed.match(workload(ORDERS, user("mallory")), "POST", "/", "s") is not None
+    assert mixed.match(workload(CONSOLE), "POST", "/", "s") is None
+    # a user whose subject happens to be the SPIFFE ID is still not that workload
+    assert mixed.match(user(ORDERS), "POST", "/", "s") is None
+
+
+def test_binding_naming_users_and_workloads_requires_both(mixed: RbacIndex) -> None:
+    ops = user("dave", ("ops",))
+    both = RuleMatch("ops-via-console", "delete", 0)
+    assert mixed.match(workload(CONSOLE), "DELETE", "/", "s") is None  # workload alone
+    assert mixed.match(ops, "DELETE", "/", "s") is None  # user alone
+    assert mixed.match(workload(CONSOLE, ops), "DELETE", "/", "s") == both
+    assert mixed.match(workload(f"{TD}/ns/tools/sa/cli", ops), "DELETE", "/", "s") == both
+    assert mixed.match(workload(ORDERS, ops), "DELETE", "/", "s") is None  # wrong workload
+    assert mixed.match(workload(CONSOLE, user("eve", ("staff",))), "DELETE", "/", "s") is None
+
+
+def test_policy_order_across_user_and_workload_grants() -> None:
+    rbac = index(
+        Role("any", (Permission((), ("*",)),)),
+        bindings=(
+            Binding("first-both", "any", subjects=("s",), workloads=(f"{TD}/*",)),
+            Binding("second-workload", "any", workloads=(ORDERS,)),
+            Binding("third-user", "any", subjects=("s",)),
+        ),
+    )
+    assert rbac.match(workload(ORDERS, user("s")), "GET", "/", "x") == RuleMatch(
+        "first-both", "any", 0
+    )
+    assert rbac.match(workload(ORDERS), "GET", "/", "x") == RuleMatch("second-workload", "any", 0)
+    assert rbac.match(user("s"), "GET", "/", "x") == RuleMatch("third-user", "any", 0)
+
+
+def test_workload_grants_still_check_method_path_and_service(mixed: RbacIndex) -> None:
+    assert mixed.match(workload(ORDERS), "GET", "/", "s") is None
+    rbac = index(
+        Role("cat", (Permission(("GET",), ("/items/*",), ("catalog",)),)),
+        bindings=(Binding("b", "cat", workloads=(ORDERS,)),),
+    )
+    assert rbac.match(workload(ORDERS), "GET", "/items/1", "catalog") is not None
+    assert rbac.match(workload(ORDERS), "GET", "/items/1", "orders") is None
+    assert rbac.match(workload(ORDERS), "GET", "/items/../admin", "catalog") is None
+
+
+def test_workload_lookups_are_cached_and_bounded() -> None:
+    rbac = RbacIndex(
+        Policy.build(
+            roles=(Role("any", (Permission((), ("*",)),)),),
+            bindings=(Binding("b", "any", workloads=(f"{TD}/ns/*/sa/orders",)),),
+        ),
+        workload_cache_size=2,
+    )
+    ids = [f"{TD}/ns/n{i}/sa/orders" for i in range(4)]
+    for _ in range(2):
+        for spiffe_id in ids:
+            assert rbac.match(workload(spiffe_id), "GET", "/", "s") == RuleMatch("b", "any", 0)
+    assert rbac.workload_match(ids[0]) is rbac.workload_match(ids[0])
+    assert rbac.match(workload(f"{TD}/ns/n1/sa/catalog"), "GET", "/", "s") is None

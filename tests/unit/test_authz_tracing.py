@@ -197,7 +197,7 @@ def test_status_error_only_on_internal_error(
         def authenticate(self, request: object, now: float) -> None:
             raise ValueError("boom")
 
-    checker.policy = replace(compiled, identity_methods=(Broken(),))
+    checker.policy = replace(compiled, user_methods=(Broken(),))
     checker.check(testing.check_request())
     span = only_span(exporter)
     assert span.status.status_code is StatusCode.ERROR
@@ -272,4 +272,45 @@ def test_setup_tracer_provider_names_the_service(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("OTEL_SERVICE_NAME", "from-env")
     provider = setup_tracer_provider("meshward-authz-test")
     assert provider.resource.attributes["service.name"] == "from-env"
+    provider.shutdown()
+
+
+def test_workload_span_attributes_and_log_field(
+    exporter: InMemorySpanExporter, key: testing.SigningKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    checker = Checker(
+        compile_policy(testing.workload_policy(testing.jwks(key))), provider.get_tracer("t")
+    )
+    console = testing.spiffe("console")
+    message = testing.check_request(
+        "DELETE", "/orders/1", {"authorization": f"Bearer {token(key, 'dave', ['ops'])}"},
+        principal=console,
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
+        assert checker.check(message).status.code == 0
+    attributes = dict(only_span(exporter).attributes or {})
+    assert attributes["meshward.workload"] == console
+    assert attributes["meshward.auth_method"] == "mtls+jwt"
+    assert attributes["meshward.subject"] == "dave"
+    assert attributes["meshward.matched_rule"] == "ops-via-console/orders-admin#0"
+    (record,) = [r for r in caplog.records if r.name == LOGGER_NAME]
+    logged = record.decision  # type: ignore[attr-defined]
+    assert (logged["workload"], logged["auth_method"]) == (console, "mtls+jwt")
+    exporter.clear()
+
+    checker.check(testing.check_request("GET", "/orders", principal=testing.spiffe("orders")))
+    attributes = dict(only_span(exporter).attributes or {})
+    assert (attributes["meshward.reason"], attributes["meshward.auth_method"]) == (
+        reasons.MISSING_TOKEN,
+        "mtls",
+    )
+    assert attributes["meshward.workload"] == testing.spiffe("orders")
+    exporter.clear()
+
+    checker.check(testing.check_request("GET", "/orders"))
+    attributes = dict(only_span(exporter).attributes or {})
+    assert attributes["meshward.auth_method"] == "none"
+    assert "meshward.workload" not in attributes  # empty values are left out
     provider.shutdown()
