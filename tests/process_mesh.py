@@ -3,6 +3,11 @@
 Unlike `meshward up` (which restarts what dies), this harness lets a test kill and
 restart the xDS server, authz or Envoy on its own terms, on fixed ports, and read
 the xDS server's `/status`.
+
+The xDS server keeps its CA in ``work/ca`` (``--ca-dir``) unless ``xds_args`` name
+another (``--ca-dir`` or ``--ca-cert``/``--ca-key``); :attr:`ProcessMesh.bundle` is the
+CA certificate clients trust. ``sidecars`` lists sidecar node groups
+(``<service>-sidecar``) to start an Envoy for, after the gateways'.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class ProcessMesh:
     gateways: list[str]
     xds_args: tuple[str, ...] = ()
     api_type: str = "GRPC"
+    sidecars: list[str] = field(default_factory=list)
     xds_port: int = field(default_factory=free_port)
     xds_status_port: int = field(default_factory=free_port)
     authz_port: int = field(default_factory=free_port)
@@ -55,7 +61,26 @@ class ProcessMesh:
             stdin=subprocess.DEVNULL,
         )
 
+    @property
+    def ca_dir(self) -> Path:
+        """The built-in CA directory the xDS server uses (``--ca-dir``)."""
+        args = list(self.xds_args)
+        if "--ca-dir" in args:
+            return Path(args[args.index("--ca-dir") + 1])
+        return self.work / "ca"
+
+    @property
+    def bundle(self) -> Path:
+        """The CA certificate (PEM) that clients of TLS gateways trust."""
+        args = list(self.xds_args)
+        if "--ca-cert" in args:
+            return Path(args[args.index("--ca-cert") + 1])
+        return self.ca_dir / "ca.crt"
+
     def start_xds(self) -> None:
+        ca_args: list[str] = []
+        if not {"--ca-dir", "--ca-cert"} & set(self.xds_args):
+            ca_args = ["--ca-dir", str(self.ca_dir)]
         self._spawn(
             "xds",
             [
@@ -70,6 +95,7 @@ class ProcessMesh:
                 f"127.0.0.1:{self.authz_port}",
                 "--debounce-ms",
                 "50",
+                *ca_args,
                 *self.xds_args,
             ],
         )
@@ -94,6 +120,7 @@ class ProcessMesh:
             wait_http(f"http://127.0.0.1:{self.authz_status_port}/healthz", what="authz")
 
     def start_envoy(self, gateway: str) -> EnvoyProcess:
+        """Start an Envoy for node group ``gateway`` (a gateway or a sidecar group)."""
         path = self.work / f"envoy-{gateway}.yaml"
         admin = free_port()
         path.write_text(
@@ -116,8 +143,8 @@ class ProcessMesh:
     def start(self) -> ProcessMesh:
         self.start_xds()
         self.start_authz()
-        for gw in self.gateways:
-            self.start_envoy(gw)
+        for group in [*self.gateways, *self.sidecars]:
+            self.start_envoy(group)
         return self
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:

@@ -44,7 +44,8 @@ def render_bootstrap(
     admin_address: str = "127.0.0.1",
     api_type: str = "GRPC",
 ) -> str:
-    """The bootstrap YAML for one Envoy; ``node_cluster`` is the gateway it serves.
+    """The bootstrap YAML for one Envoy; ``node_cluster`` is the node group it serves (a
+    gateway name, or ``<service>-sidecar`` for a sidecar).
 
     ``api_type`` is ``GRPC`` (SotW ADS) or ``DELTA_GRPC`` (Delta ADS).
     """

@@ -5,6 +5,12 @@ Loads the policy (errors go to stderr as ``file:line: message``, exit 2), serves
 stops cleanly on SIGTERM/SIGINT. Edits to the policy directory are picked up live
 (debounced; ``--no-watch`` turns that off) and SIGHUP forces a reload; a bad edit is
 rejected with its ``file:line`` errors and the last good policy keeps serving.
+
+Certificates: the mesh CA is the built-in one in ``--ca-dir`` (created on first run for
+the policy's ``mesh.trust_domain``: ``ca.crt`` and ``ca.key``, the only files written)
+or the operator's ``--ca-cert``/``--ca-key``. SVIDs (``--svid-lifetime`` seconds) and
+gateway server certificates are issued in memory, served to the proxies over SDS and
+re-issued at half their lifetime.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ import argparse
 import asyncio
 import signal
 import sys
-from typing import Any
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from meshward.http_status import StatusServer, parse_listen
 from meshward.logs import setup
@@ -21,9 +29,16 @@ from xds_server.reloader import PolicyReloader
 from xds_server.service import XdsService
 from xds_server.translator import AUTHZ_FAILURE_STATUSES, DEFAULT_AUTHZ_FAILURE_STATUS
 
+if TYPE_CHECKING:
+    from xds_server.credentials import CredentialSource
+
 DEFAULT_LISTEN = "127.0.0.1:18000"
 DEFAULT_STATUS_LISTEN = "127.0.0.1:18001"
 DEFAULT_AUTHZ = "127.0.0.1:9191"
+DEFAULT_CA_DIR = ".meshward/ca"
+DEFAULT_SVID_LIFETIME = 3600
+#: Below this renewal interval `meshward xds` warns at start (a push per renewal).
+MIN_SENSIBLE_RENEWAL_SECONDS = 10.0
 
 #: Exit codes: 0 clean stop, 1 runtime failure (e.g. port in use), 2 bad input.
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -63,6 +78,29 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         f"default {DEFAULT_AUTHZ_FAILURE_STATUS})",
     )
     parser.add_argument(
+        "--ca-dir",
+        default=DEFAULT_CA_DIR,
+        metavar="DIR",
+        help="the built-in mesh CA (ca.crt, ca.key), created on first run for the "
+        f"policy's trust domain (default {DEFAULT_CA_DIR})",
+    )
+    parser.add_argument(
+        "--ca-cert",
+        metavar="PEM",
+        help="operator CA certificate (with --ca-key; replaces --ca-dir)",
+    )
+    parser.add_argument(
+        "--ca-key", metavar="PEM", help="the unencrypted PEM private key of --ca-cert"
+    )
+    parser.add_argument(
+        "--svid-lifetime",
+        type=int,
+        default=DEFAULT_SVID_LIFETIME,
+        metavar="SECONDS",
+        help="lifetime of workload certificates (SVIDs); re-issued at half-life "
+        f"(default {DEFAULT_SVID_LIFETIME}; at least 60)",
+    )
+    parser.add_argument(
         "--no-watch", action="store_true", help="do not reload on policy file changes"
     )
     parser.add_argument(
@@ -97,11 +135,33 @@ def run(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
+    try:
+        credentials = _credential_source(args, policy.mesh.trust_domain)
+    except ValueError as exc:
+        print(f"meshward xds: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
     async def serve() -> int:
-        service = XdsService(
-            policy, authz, listen=args.listen, authz_failure_status=args.authz_failure_status
-        )
+        try:
+            service = XdsService(
+                policy,
+                authz,
+                listen=args.listen,
+                authz_failure_status=args.authz_failure_status,
+                credentials=credentials,
+            )
+        except ValueError as exc:
+            print(f"meshward xds: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        renewal = credentials.seconds_to_renewal()
+        if renewal is not None and renewal < MIN_SENSIBLE_RENEWAL_SECONDS:
+            log.warning(
+                "certificates are renewed %.0f s after they are issued: every renewal is a "
+                "push to every proxy; give a longer --svid-lifetime (the PKI back-dates "
+                "certificates by 60 s and renews at half of the whole validity)",
+                max(renewal, 0.0),
+                extra={"svid_lifetime_seconds": args.svid_lifetime},
+            )
         reloader = PolicyReloader(
             args.policy, service.set_policy, policy, service.registry, args.debounce_ms
         )
@@ -157,6 +217,9 @@ def run(args: argparse.Namespace) -> int:
                 "gateways": [g.name for g in policy.gateways],
                 "authz": [f"{h}:{p}" for h, p in authz],
                 "watching": None if args.no_watch else str(args.policy),
+                "ca": args.ca_cert or str(Path(args.ca_dir) / "ca.crt"),
+                "trust_domain": credentials.trust_domain,
+                "svid_lifetime_seconds": args.svid_lifetime,
             },
         )
         try:
@@ -172,3 +235,29 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return asyncio.run(serve())
+
+
+def _credential_source(args: argparse.Namespace, trust_domain: str) -> CredentialSource:
+    """The CA and credential store the flags ask for; ``ValueError`` says what to fix."""
+    from meshward.pki import CertificateAuthority, CredentialStore, PkiError
+    from meshward.pki.ca import MAX_SVID_LIFETIME, MIN_LIFETIME
+    from xds_server.credentials import CredentialSource
+
+    if bool(args.ca_cert) != bool(args.ca_key):
+        raise ValueError("--ca-cert and --ca-key go together: give both, or neither (--ca-dir)")
+    lowest, highest = int(MIN_LIFETIME.total_seconds()), int(MAX_SVID_LIFETIME.total_seconds())
+    if not lowest <= args.svid_lifetime <= highest:
+        raise ValueError(
+            f"--svid-lifetime {args.svid_lifetime}: give {lowest} to {highest} seconds"
+        )
+    try:
+        if args.ca_cert:
+            ca = CertificateAuthority.from_pem_files(
+                Path(args.ca_cert), Path(args.ca_key), trust_domain
+            )
+        else:
+            ca = CertificateAuthority.load_or_create(Path(args.ca_dir), trust_domain)
+        store = CredentialStore(ca, svid_lifetime=timedelta(seconds=args.svid_lifetime))
+    except PkiError as exc:
+        raise ValueError(str(exc)) from None
+    return CredentialSource(store)

@@ -24,7 +24,7 @@ server tracks:
   client, and rolls the node back to its last fully ACKed snapshot
   (:mod:`xds_server.stream`); the rejected version is never sent again.
 
-A push goes CDS→EDS→LDS→RDS; removed clusters go last, in a CDS response of their own
+A push goes CDS→EDS→SDS→LDS→RDS; removed clusters go last, in a CDS response of their own
 after the routes stopped using them. Every response has ``system_version_info`` = the
 snapshot version. The first request of a type is always answered (even with nothing),
 so the client's initial fetch completes; otherwise a type with nothing new is not sent.

@@ -4,6 +4,15 @@ The counterpart of go-control-plane's ``pkg/resource``. The order of
 :data:`PUSH_ORDER` is the order a new snapshot is pushed on a stream: clusters and
 their endpoints before the listeners and routes that reference them, so Envoy never
 holds a route to a cluster it does not know yet.
+
+Secrets (SDS) go after CDS/EDS and before LDS/RDS. Envoy asks for a secret *by name*
+(like RDS and EDS) once a cluster or listener that references it arrives, and that
+first request is answered at once, whatever the push order. The order matters for
+*updates* of secrets Envoy already holds: pushed before the listeners, a listener
+update that arrives in the same snapshot starts handshaking with the new certificate,
+never with one the snapshot already replaced; pushed after the clusters, a cluster
+whose TLS settings changed in the same snapshot still finds its (unchanged-name)
+secrets in place. A certificate rotation changes only secrets, so only SDS goes out.
 """
 
 from __future__ import annotations
@@ -17,15 +26,18 @@ CLUSTER = _PREFIX + "envoy.config.cluster.v3.Cluster"
 ENDPOINT = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = _PREFIX + "envoy.config.listener.v3.Listener"
 ROUTE = _PREFIX + "envoy.config.route.v3.RouteConfiguration"
+#: SDS: certificates, private keys and trust bundles, requested by name.
+SECRET = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
 #: meshward's own resource: the compiled policy, served to authz replicas over ADS.
 POLICY = _PREFIX + "meshward.v1.PolicyResource"
 
-#: Push order for a new snapshot on one stream: CDS, EDS, LDS, RDS (then meshward's own).
-PUSH_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE, POLICY)
+#: Push order for a new snapshot on one stream: CDS, EDS, SDS, LDS, RDS (then meshward's
+#: own). See the module docstring for why secrets sit between endpoints and listeners.
+PUSH_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, SECRET, LISTENER, ROUTE, POLICY)
 
 #: State-of-the-world types: every response carries *all* resources of the type and a
-#: name missing from a response is a deletion. The other types (RDS, EDS, later SDS)
-#: carry only the names the client asked for.
+#: name missing from a response is a deletion. The other types (RDS, EDS, SDS) carry
+#: only the names the client asked for.
 WILDCARD_TYPES = frozenset({CLUSTER, LISTENER, POLICY})
 
 #: Types whose dropped resources are removed only after the rest of a push (make before
@@ -38,12 +50,13 @@ SHORT_NAMES: dict[str, str] = {
     ENDPOINT: "eds",
     LISTENER: "lds",
     ROUTE: "rds",
+    SECRET: "sds",
     POLICY: "policy",
 }
 
 
 def short_name(type_url: str) -> str:
-    """``cds``/``eds``/``lds``/``rds`` for known types, else the message name."""
+    """``cds``/``eds``/``sds``/``lds``/``rds`` for known types, else the message name."""
     return SHORT_NAMES.get(type_url, type_url.rsplit(".", 1)[-1])
 
 

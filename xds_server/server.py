@@ -24,8 +24,8 @@ SotW rules, each learned the hard way with real Envoy:
   Envoy reconnects with its last ``version_info`` and no nonce; it gets the full
   current state even if the version matches.
 * LDS and CDS are state of the world: every response carries all resources and a
-  missing name is a deletion. RDS and EDS carry only the requested names.
-* A new snapshot is pushed CDS, EDS, LDS, RDS (:data:`~xds_server.resources.PUSH_ORDER`),
+  missing name is a deletion. RDS, EDS and SDS carry only the requested names.
+* A new snapshot is pushed CDS, EDS, SDS, LDS, RDS (:data:`~xds_server.resources.PUSH_ORDER`),
   only the types whose content (for the names this stream requested) differs from what
   it last sent. The push does not wait for the previous response's ACK; that ACK
   becomes stale. Clusters that the new snapshot drops are removed last, after the
@@ -285,7 +285,8 @@ class AdsServer:
                         await context.abort(
                             grpc.StatusCode.INVALID_ARGUMENT,
                             "node.cluster is empty: set it in the Envoy bootstrap to the "
-                            "gateway name this proxy serves",
+                            "node group this proxy serves (a gateway name, or "
+                            "<service>-sidecar)",
                         )
                         return
                 await stream.on_request(event)
@@ -343,7 +344,7 @@ class AdsServer:
         if self._cache.get_snapshot(group) is None:
             log.warning(
                 "no snapshot for node group: the proxy waits until the policy has a "
-                "gateway with this name",
+                "gateway with this name (or a service with a sidecar, for <service>-sidecar)",
                 extra={"node": stream.node_id, "group": group},
             )
         return stream

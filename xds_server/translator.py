@@ -33,6 +33,48 @@ sees a request without ``meshward.route``.
 Path normalization (``normalize_path``, ``merge_slashes``, escaped-slash unescape and
 redirect) is on, so the path that routes, the path authz checks and the path the
 upstream serves are the same string (``/orders/../admin`` cannot take ``/orders``).
+
+**Zero-trust transport.** Certificates come in as a :class:`Credentials` value (built by
+:mod:`xds_server.credentials` from the PKI), so translation stays pure. Every secret
+travels over SDS on the same ADS stream; listeners and clusters name it with an
+``sds_config`` of ADS, ``V3`` and ``initial_fetch_timeout`` :data:`SDS_FETCH_TIMEOUT`
+(a missing secret holds a proxy for that long, not Envoy's default 15 s). The secrets of
+a node group, by their fixed names:
+
+* :data:`SVID_SECRET` (``svid``) — the workload's X.509 SVID: chain + private key;
+* :data:`TRUST_BUNDLE_SECRET` (``trust-bundle``) — the mesh CA bundle (``trusted_ca``);
+* :data:`SERVER_CERT_SECRET` (``server-cert``) — a TLS gateway's server certificate.
+
+A group holds only the secrets its listeners and clusters reference.
+
+* **Gateway with ``tls``** — the listener terminates TLS (``DownstreamTlsContext``,
+  ``server-cert``; TLS 1.2 to 1.3, or 1.3 only with ``min_version: "1.3"``; TLS 1.2 only
+  with ECDHE + AES-GCM/CHACHA20 suites; ALPN ``h2``, ``http/1.1``; codec AUTO). Without
+  ``tls``, plaintext HTTP.
+* **Route to a service with a ``sidecar``** — the gateway's cluster for that service
+  points at the sidecar's address and port, over mTLS (``UpstreamTlsContext``): the
+  gateway's ``svid`` as client certificate; the peer must chain to ``trust-bundle``
+  *and* carry the URI SAN that is exactly the service's SPIFFE ID
+  (``combined_validation_context``), so a certificate of another workload of the same
+  CA is refused. Services without a sidecar are reached in plaintext, as before.
+* **Sidecar node group** (:meth:`Policy.sidecar_group
+  <meshward.policy.model.Policy.sidecar_group>`, ``<service>-sidecar``) — one mTLS-only
+  listener (name = group) on the sidecar address: ``require_client_certificate``, the
+  service's ``svid``, peers must chain to ``trust-bundle`` and carry a URI SAN starting
+  with ``spiffe://<trust domain>/``. Its HTTP connection manager runs the same
+  ``ext_authz`` as a gateway, then the router; one route, :func:`inbound_route_name`
+  (``<service>.inbound``), ``prefix: /``, to a plaintext cluster (name = service) of
+  the service's endpoints, with ``context_extensions`` route = ``<service>.inbound``,
+  service = the service, gateway = the sidecar group, policy version. Envoy puts the
+  peer's URI SAN into ``CheckRequest.attributes.source.principal``.
+* **x-forwarded-client-cert** — never trusted from a client. Gateways ``SANITIZE`` it
+  (removed; outside clients present no certificate to forward). Sidecars
+  ``SANITIZE_SET`` with ``uri: true``: a client-sent value is dropped and replaced by
+  one Envoy builds from the verified peer (``By=<sidecar SPIFFE ID>;Hash=…;URI=<peer
+  SPIFFE ID>``), so the app may read its caller's identity from it.
+* **Mesh-internal hops are TLS 1.3 only** (both ends are Envoy), gateway → sidecar.
+* Known gaps (loopback only): the ``meshward_authz`` cluster is still plaintext gRPC,
+  and so is the ADS connection that carries the secrets (private keys included).
 """
 
 from __future__ import annotations
@@ -41,10 +83,12 @@ import hashlib
 import ipaddress
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, config_source_pb2, grpc_service_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -54,6 +98,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.request_id.uuid.v3 import uuid_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import http_status_pb2
@@ -63,7 +108,7 @@ from google.protobuf.wrappers_pb2 import BoolValue
 
 from meshward import route_context
 from meshward.policy import wire
-from meshward.policy.model import Gateway, Policy, Route
+from meshward.policy.model import Gateway, Policy, Route, Service
 from xds_server import resources as rs
 
 #: Name of the cluster that reaches the ext_authz gRPC service (every node group has it).
@@ -72,6 +117,7 @@ AUTHZ_CLUSTER = "meshward_authz"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 ROUTER_FILTER = "envoy.filters.http.router"
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
+TLS_TRANSPORT_SOCKET = "envoy.transport_sockets.tls"
 #: The node group (``node.cluster``) of authz replicas: they get the policy over ADS.
 AUTHZ_GROUP = wire.AUTHZ_GROUP
 #: The name of the one policy resource in :data:`AUTHZ_GROUP`.
@@ -79,9 +125,33 @@ POLICY_RESOURCE_NAME = rs.SINGLETON_NAMES[rs.POLICY]
 #: Where authz listens when nothing else is said (``meshward xds --authz``).
 DEFAULT_AUTHZ_ENDPOINTS: tuple[tuple[str, int], ...] = (("127.0.0.1", 9191),)
 
+#: SDS secret names, the same in every node group (one workload per group).
+SVID_SECRET = "svid"  # noqa: S105 (a secret name, not a secret)
+TRUST_BUNDLE_SECRET = "trust-bundle"  # noqa: S105
+SERVER_CERT_SECRET = "server-cert"  # noqa: S105
+#: How long a listener or cluster waits for a secret before giving up on it (and
+#: letting the rest of the proxy initialize); Envoy's default is 15 s.
+SDS_FETCH_TIMEOUT = Duration(seconds=5)
+#: Suffix of a sidecar's one route name: ``<service>.inbound``.
+INBOUND_ROUTE_SUFFIX = ".inbound"
+#: TLS 1.2 cipher suites of TLS gateways: forward secrecy (ECDHE) and AEAD only.
+#: (TLS 1.3 suites are fixed by BoringSSL and all modern.)
+TLS12_CIPHER_SUITES = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "ECDHE-RSA-CHACHA20-POLY1305",
+)
+#: ALPN a TLS gateway offers outside clients (HTTP/2 first; the codec is AUTO).
+GATEWAY_ALPN = ("h2", "http/1.1")
+
 _CONNECT_TIMEOUT = Duration(seconds=1)
 _AUTHZ_TIMEOUT = Duration(seconds=1)
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_TLS = common_pb2.TlsParameters
+_HCM = hcm_pb2.HttpConnectionManager
 
 #: type URL → resources of that type, for one node group.
 GroupResources = dict[str, list[Message]]
@@ -95,35 +165,136 @@ AUTHZ_FAILURE_STATUSES = {
 DEFAULT_AUTHZ_FAILURE_STATUS = 403
 
 
+class KeyPair(Protocol):
+    """What the translator needs of an issued certificate (``meshward.pki.IssuedCert``)."""
+
+    @property
+    def chain_pem(self) -> bytes: ...
+
+    @property
+    def key_pem(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """The certificates a translation may reference: the translator's PKI input.
+
+    ``svids``: workload (service or gateway name) → its SVID; ``server_certs``: TLS
+    gateway name → its server certificate; ``bundle_pem``: the CA bundle peers are
+    verified against; ``generation``: changes whenever any of them does (it becomes
+    part of the snapshot version).
+    """
+
+    bundle_pem: bytes
+    svids: Mapping[str, KeyPair] = field(default_factory=dict)
+    server_certs: Mapping[str, KeyPair] = field(default_factory=dict)
+    generation: str = ""
+
+
+@dataclass(frozen=True)
+class CredentialNeeds:
+    """Which certificates a policy's translation references.
+
+    ``svids``: workloads that need an SVID (every sidecar'd service; every gateway that
+    routes to one); ``server_certs``: TLS gateway → the DNS names of its certificate.
+    """
+
+    svids: tuple[str, ...] = ()
+    server_certs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.svids or self.server_certs)
+
+
+def credential_needs(policy: Policy) -> CredentialNeeds:
+    """The certificates :func:`translate` will reference for ``policy`` (pure)."""
+    sidecars = {s.name for s in policy.services if s.sidecar is not None}
+    svids = [g.name for g in policy.gateways if any(r.service in sidecars for r in g.routes)]
+    svids += [s.name for s in policy.services if s.sidecar is not None]
+    servers = {g.name: g.tls.dns_names for g in policy.gateways if g.tls is not None}
+    return CredentialNeeds(tuple(dict.fromkeys(svids)), servers)
+
+
+def inbound_route_name(service: str) -> str:
+    """The name of a sidecar's one route (``<service>.inbound``): what authz sees as
+    ``meshward.route`` for requests arriving at the service's sidecar."""
+    return service + INBOUND_ROUTE_SUFFIX
+
+
 def translate(
     policy: Policy,
     authz_endpoints: Sequence[tuple[str, int]] = DEFAULT_AUTHZ_ENDPOINTS,
     *,
     authz_failure_status: int = DEFAULT_AUTHZ_FAILURE_STATUS,
+    credentials: Credentials | None = None,
 ) -> dict[str, GroupResources]:
     """Translate ``policy`` into resources for every node group: Envoy resources per
-    gateway name, and the policy resource for :data:`AUTHZ_GROUP`.
+    gateway name and per sidecar group, and the policy resource for :data:`AUTHZ_GROUP`.
 
     ``authz_endpoints`` are the (host, port) pairs of the ext_authz service;
     ``authz_failure_status`` (403 or 503) is what Envoy answers when authz cannot be
-    reached or fails: Envoy always fails closed (``failure_mode_allow: false``). Raises
-    ``ValueError`` if the policy references a service it does not define, names a
-    service like the authz cluster, or names a gateway like the authz group (the loader
-    rejects all of these first).
+    reached or fails: Envoy always fails closed (``failure_mode_allow: false``).
+    ``credentials`` must hold every certificate of :func:`credential_needs` (``None``
+    is fine for a policy without TLS gateways and sidecars). Raises ``ValueError`` if
+    the policy references a service it does not define, names a service like the
+    authz cluster, a gateway like the authz group, a route like a sidecar's inbound
+    route, or needs a certificate ``credentials`` lacks.
     """
     if authz_failure_status not in AUTHZ_FAILURE_STATUSES:
         raise ValueError(
             f"authz failure status {authz_failure_status} is not supported; use 403 or 503"
         )
+    _check_credentials(policy, credentials)
+    inbound = {inbound_route_name(s.name) for s in policy.services if s.sidecar is not None}
+    for route in policy.routes():
+        if route.name in inbound:
+            raise ValueError(
+                f"route name {route.name!r} is reserved for the inbound route of the "
+                "sidecar of that service; rename the route"
+            )
     groups: dict[str, GroupResources] = {}
     for gateway in policy.gateways:
         if gateway.name == AUTHZ_GROUP:
             raise ValueError(f"gateway name {gateway.name!r} is reserved for authz replicas")
         groups[gateway.name] = _gateway_resources(
-            policy, gateway, authz_endpoints, authz_failure_status
+            policy, gateway, authz_endpoints, authz_failure_status, credentials
         )
+    for service in policy.services:
+        if service.sidecar is not None and credentials is not None:
+            group = policy.sidecar_group(service.name)
+            if group in groups:
+                raise ValueError(
+                    f"gateway {group!r} has the node group name of the sidecar of service "
+                    f"{service.name!r}; rename the gateway"
+                )
+            groups[group] = _sidecar_resources(
+                policy, service, authz_endpoints, authz_failure_status, credentials
+            )
     groups[AUTHZ_GROUP] = {rs.POLICY: [wire.to_resource(policy)]}
     return groups
+
+
+def _check_credentials(policy: Policy, credentials: Credentials | None) -> None:
+    needs = credential_needs(policy)
+    if not needs:
+        return
+    if credentials is None:
+        what = [f"gateway {g!r} has tls" for g in needs.server_certs]
+        what += [
+            f"service {s.name!r} has a sidecar" for s in policy.services if s.sidecar is not None
+        ]
+        raise ValueError(
+            f"the policy needs certificates ({'; '.join(what)}) but no CA is configured; "
+            "give the xDS server a CA (meshward xds --ca-dir, or --ca-cert/--ca-key)"
+        )
+    missing = [f"SVID of {w!r}" for w in needs.svids if w not in credentials.svids]
+    missing += [
+        f"server certificate of gateway {g!r}"
+        for g in needs.server_certs
+        if g not in credentials.server_certs
+    ]
+    if missing:
+        raise ValueError("credentials lack " + ", ".join(missing))
 
 
 def snapshot_version(
@@ -131,21 +302,29 @@ def snapshot_version(
     authz_endpoints: Sequence[tuple[str, int]] = DEFAULT_AUTHZ_ENDPOINTS,
     *,
     authz_failure_status: int = DEFAULT_AUTHZ_FAILURE_STATUS,
+    credentials: Credentials | None = None,
 ) -> str:
     """The ``version_info`` of the snapshots built from these inputs.
 
-    It is the policy version itself when the other translator inputs are the defaults;
-    otherwise ``"<policy version>-<8 hex digits of their hash>"``, so a change of authz
-    endpoints is a new version even though the policy did not change.
+    ``<policy version>[-<8 hex digits>][+<credential generation>]``: the policy version
+    itself when the other translator inputs are the defaults, otherwise followed by
+    ``-`` and a hash of them (so a change of authz endpoints is a new version even though
+    the policy did not change); with ``credentials``, followed by ``+`` and their
+    generation, so a certificate rotation is a new snapshot version while the policy
+    version stays the same.
     """
     endpoints = [[host, port] for host, port in authz_endpoints]
     inputs: list[object] = [endpoints]
     if authz_failure_status != DEFAULT_AUTHZ_FAILURE_STATUS:
         inputs.append(authz_failure_status)
     if inputs == [[[h, p] for h, p in DEFAULT_AUTHZ_ENDPOINTS]]:
-        return policy.version
-    digest = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
-    return f"{policy.version}-{digest[:8]}"
+        version = policy.version
+    else:
+        digest = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
+        version = f"{policy.version}-{digest[:8]}"
+    if credentials is not None and credentials.generation:
+        version = f"{version}+{credentials.generation}"
+    return version
 
 
 def _gateway_resources(
@@ -153,9 +332,11 @@ def _gateway_resources(
     gateway: Gateway,
     authz_endpoints: Sequence[tuple[str, int]],
     authz_failure_status: int,
+    credentials: Credentials | None,
 ) -> GroupResources:
     clusters: list[Message] = []
     assignments: list[Message] = []
+    mtls_upstream = False
 
     service_names: list[str] = []
     for route in gateway.routes:
@@ -170,8 +351,15 @@ def _gateway_resources(
             raise ValueError(
                 f"gateway {gateway.name!r} routes to unknown service {name!r}"
             ) from None
-        addresses = [(e.address, e.port) for e in service.endpoints]
-        cluster, assignment = _cluster(name, addresses)
+        if service.sidecar is not None:
+            # Through the service's sidecar, over mTLS, checking its SPIFFE ID.
+            sidecar = [(service.sidecar.address, service.sidecar.port)]
+            cluster, assignment = _cluster(name, sidecar)
+            cluster.transport_socket.CopyFrom(_upstream_tls(policy.spiffe_id(name)))
+            mtls_upstream = True
+        else:
+            addresses = [(e.address, e.port) for e in service.endpoints]
+            cluster, assignment = _cluster(name, addresses)
         clusters.append(cluster)
         if assignment is not None:
             assignments.append(assignment)
@@ -181,11 +369,94 @@ def _gateway_resources(
     if assignment is not None:
         assignments.append(assignment)
 
+    manager = _http_connection_manager(
+        gateway.name, authz_failure_status, _HCM.SANITIZE, set_uri=False
+    )
+    tls = None
+    if gateway.tls is not None:
+        only_13 = gateway.tls.min_version == "1.3"
+        tls = tls_pb2.DownstreamTlsContext(
+            common_tls_context=tls_pb2.CommonTlsContext(
+                tls_params=_TLS(
+                    tls_minimum_protocol_version=_TLS.TLSv1_3 if only_13 else _TLS.TLSv1_2,
+                    tls_maximum_protocol_version=_TLS.TLSv1_3,
+                    cipher_suites=[] if only_13 else list(TLS12_CIPHER_SUITES),
+                ),
+                tls_certificate_sds_secret_configs=[_sds(SERVER_CERT_SECRET)],
+                alpn_protocols=list(GATEWAY_ALPN),
+            )
+        )
+    resources: GroupResources = {
+        rs.CLUSTER: clusters,
+        rs.ENDPOINT: assignments,
+        rs.LISTENER: [_listener(gateway.name, gateway.address, gateway.port, manager, tls)],
+        rs.ROUTE: [_route_configuration(policy, gateway)],
+    }
+    secrets: list[Message] = []
+    if credentials is not None and gateway.tls is not None:
+        secrets.append(
+            _certificate_secret(SERVER_CERT_SECRET, credentials.server_certs[gateway.name])
+        )
+    if credentials is not None and mtls_upstream:
+        secrets.append(_certificate_secret(SVID_SECRET, credentials.svids[gateway.name]))
+        secrets.append(_bundle_secret(credentials.bundle_pem))
+    if secrets:
+        resources[rs.SECRET] = secrets
+    return resources
+
+
+def _sidecar_resources(
+    policy: Policy,
+    service: Service,
+    authz_endpoints: Sequence[tuple[str, int]],
+    authz_failure_status: int,
+    credentials: Credentials,
+) -> GroupResources:
+    assert service.sidecar is not None
+    group = policy.sidecar_group(service.name)
+    clusters: list[Message] = []
+    assignments: list[Message] = []
+    for name, addresses, http2 in (
+        (service.name, [(e.address, e.port) for e in service.endpoints], False),
+        (AUTHZ_CLUSTER, list(authz_endpoints), True),
+    ):
+        cluster, assignment = _cluster(name, addresses, http2=http2)
+        clusters.append(cluster)
+        if assignment is not None:
+            assignments.append(assignment)
+
+    manager = _http_connection_manager(group, authz_failure_status, _HCM.SANITIZE_SET, set_uri=True)
+    tls = tls_pb2.DownstreamTlsContext(
+        require_client_certificate=BoolValue(value=True),
+        common_tls_context=_mesh_tls_context(
+            string_pb2.StringMatcher(prefix=f"spiffe://{policy.mesh.trust_domain}/")
+        ),
+    )
+    listener = _listener(group, service.sidecar.address, service.sidecar.port, manager, tls)
+    name = inbound_route_name(service.name)
+    route = route_components_pb2.Route(
+        name=name,
+        match=route_components_pb2.RouteMatch(prefix="/"),
+        route=route_components_pb2.RouteAction(cluster=service.name),
+    )
+    route.typed_per_filter_config[EXT_AUTHZ_FILTER].CopyFrom(
+        rs.pack(_per_route(policy, name, service.name, group))
+    )
+    routes = route_pb2.RouteConfiguration(
+        name=group,
+        virtual_hosts=[
+            route_components_pb2.VirtualHost(name=f"{group}:*", domains=["*"], routes=[route])
+        ],
+    )
     return {
         rs.CLUSTER: clusters,
         rs.ENDPOINT: assignments,
-        rs.LISTENER: [_listener(gateway, authz_failure_status)],
-        rs.ROUTE: [_route_configuration(policy, gateway)],
+        rs.SECRET: [
+            _certificate_secret(SVID_SECRET, credentials.svids[service.name]),
+            _bundle_secret(credentials.bundle_pem),
+        ],
+        rs.LISTENER: [listener],
+        rs.ROUTE: [routes],
     }
 
 
@@ -243,7 +514,68 @@ def _ads_config_source() -> config_source_pb2.ConfigSource:
     )
 
 
-def _listener(gateway: Gateway, authz_failure_status: int) -> listener_pb2.Listener:
+def _sds(name: str) -> secret_pb2.SdsSecretConfig:
+    """A reference to secret ``name``, fetched over ADS (waits at most 5 s for it)."""
+    source = _ads_config_source()
+    source.initial_fetch_timeout.CopyFrom(SDS_FETCH_TIMEOUT)
+    return secret_pb2.SdsSecretConfig(name=name, sds_config=source)
+
+
+def _certificate_secret(name: str, cert: KeyPair) -> secret_pb2.Secret:
+    return secret_pb2.Secret(
+        name=name,
+        tls_certificate=common_pb2.TlsCertificate(
+            certificate_chain=base_pb2.DataSource(inline_bytes=bytes(cert.chain_pem)),
+            private_key=base_pb2.DataSource(inline_bytes=bytes(cert.key_pem)),
+        ),
+    )
+
+
+def _bundle_secret(bundle_pem: bytes) -> secret_pb2.Secret:
+    return secret_pb2.Secret(
+        name=TRUST_BUNDLE_SECRET,
+        validation_context=common_pb2.CertificateValidationContext(
+            trusted_ca=base_pb2.DataSource(inline_bytes=bytes(bundle_pem))
+        ),
+    )
+
+
+def _mesh_tls_context(peer: string_pb2.StringMatcher) -> tls_pb2.CommonTlsContext:
+    """The TLS 1.3 context of a mesh-internal hop: our SVID, peers verified against the
+    trust bundle *and* a URI SAN matching ``peer``."""
+    san = common_pb2.SubjectAltNameMatcher(
+        san_type=common_pb2.SubjectAltNameMatcher.URI, matcher=peer
+    )
+    return tls_pb2.CommonTlsContext(
+        tls_params=_TLS(
+            tls_minimum_protocol_version=_TLS.TLSv1_3,
+            tls_maximum_protocol_version=_TLS.TLSv1_3,
+        ),
+        tls_certificate_sds_secret_configs=[_sds(SVID_SECRET)],
+        combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+            default_validation_context=common_pb2.CertificateValidationContext(
+                match_typed_subject_alt_names=[san]
+            ),
+            validation_context_sds_secret_config=_sds(TRUST_BUNDLE_SECRET),
+        ),
+    )
+
+
+def _upstream_tls(spiffe_id: str) -> base_pb2.TransportSocket:
+    """mTLS to a sidecar that must present exactly ``spiffe_id``."""
+    context = tls_pb2.UpstreamTlsContext(
+        common_tls_context=_mesh_tls_context(string_pb2.StringMatcher(exact=spiffe_id))
+    )
+    return base_pb2.TransportSocket(name=TLS_TRANSPORT_SOCKET, typed_config=rs.pack(context))
+
+
+def _http_connection_manager(
+    name: str,
+    authz_failure_status: int,
+    forward_client_cert: hcm_pb2.HttpConnectionManager.ForwardClientCertDetails.ValueType,
+    *,
+    set_uri: bool,
+) -> hcm_pb2.HttpConnectionManager:
     ext_authz = ext_authz_pb2.ExtAuthz(
         grpc_service=grpc_service_pb2.GrpcService(
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
@@ -256,34 +588,47 @@ def _listener(gateway: Gateway, authz_failure_status: int) -> listener_pb2.Liste
         ),
     )
     manager = hcm_pb2.HttpConnectionManager(
-        stat_prefix=gateway.name,
-        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
-        rds=hcm_pb2.Rds(config_source=_ads_config_source(), route_config_name=gateway.name),
+        stat_prefix=name,
+        codec_type=_HCM.AUTO,
+        rds=hcm_pb2.Rds(config_source=_ads_config_source(), route_config_name=name),
         strip_any_host_port=True,
         normalize_path=BoolValue(value=True),
         merge_slashes=True,
-        path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.UNESCAPE_AND_REDIRECT,
+        path_with_escaped_slashes_action=_HCM.UNESCAPE_AND_REDIRECT,
         # Envoy's defaults, stated: generate x-request-id (UUID) for every request.
         generate_request_id=BoolValue(value=True),
         request_id_extension=hcm_pb2.RequestIDExtension(
             typed_config=rs.pack(uuid_pb2.UuidRequestIdConfig())
         ),
+        # x-forwarded-client-cert is never trusted from a client (see module doc).
+        forward_client_cert_details=forward_client_cert,
         http_filters=[
             hcm_pb2.HttpFilter(name=EXT_AUTHZ_FILTER, typed_config=rs.pack(ext_authz)),
             # The router must be last: it ends the filter chain.
             hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=rs.pack(router_pb2.Router())),
         ],
     )
+    if set_uri:
+        manager.set_current_client_cert_details.uri = True
+    return manager
+
+
+def _listener(
+    name: str,
+    address: str,
+    port: int,
+    manager: hcm_pb2.HttpConnectionManager,
+    tls: tls_pb2.DownstreamTlsContext | None,
+) -> listener_pb2.Listener:
+    chain = listener_components_pb2.FilterChain(
+        filters=[listener_components_pb2.Filter(name=HCM_FILTER, typed_config=rs.pack(manager))]
+    )
+    if tls is not None:
+        chain.transport_socket.CopyFrom(
+            base_pb2.TransportSocket(name=TLS_TRANSPORT_SOCKET, typed_config=rs.pack(tls))
+        )
     return listener_pb2.Listener(
-        name=gateway.name,
-        address=_socket_address(gateway.address, gateway.port),
-        filter_chains=[
-            listener_components_pb2.FilterChain(
-                filters=[
-                    listener_components_pb2.Filter(name=HCM_FILTER, typed_config=rs.pack(manager))
-                ]
-            )
-        ],
+        name=name, address=_socket_address(address, port), filter_chains=[chain]
     )
 
 
@@ -322,6 +667,21 @@ def _hosts(route: Route) -> tuple[str, ...]:
     return () if "*" in hosts else hosts
 
 
+def _per_route(
+    policy: Policy, route: str, service: str, group: str
+) -> ext_authz_pb2.ExtAuthzPerRoute:
+    return ext_authz_pb2.ExtAuthzPerRoute(
+        check_settings=ext_authz_pb2.CheckSettings(
+            context_extensions={
+                route_context.ROUTE: route,
+                route_context.SERVICE: service,
+                route_context.GATEWAY: group,
+                route_context.POLICY_VERSION: policy.version,
+            }
+        )
+    )
+
+
 def _route(policy: Policy, gateway: Gateway, route: Route) -> route_components_pb2.Route:
     match = route_components_pb2.RouteMatch()
     if route.match.path is not None:
@@ -338,16 +698,7 @@ def _route(policy: Policy, gateway: Gateway, route: Route) -> route_components_p
                 ),
             )
         )
-    per_route = ext_authz_pb2.ExtAuthzPerRoute(
-        check_settings=ext_authz_pb2.CheckSettings(
-            context_extensions={
-                route_context.ROUTE: route.name,
-                route_context.SERVICE: route.service,
-                route_context.GATEWAY: gateway.name,
-                route_context.POLICY_VERSION: policy.version,
-            }
-        )
-    )
+    per_route = _per_route(policy, route.name, route.service, gateway.name)
     envoy_route = route_components_pb2.Route(
         name=route.name,
         match=match,

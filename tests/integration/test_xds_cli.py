@@ -37,6 +37,8 @@ def _start(policy_dir: Path, *extra: str) -> subprocess.Popen[str]:
             "127.0.0.1:0",
             "--status-listen",
             "127.0.0.1:0",
+            "--ca-dir",
+            str(policy_dir.parent / "ca"),  # never the checkout's .meshward/
             *extra,
         ],
         cwd=ROOT,
