@@ -29,7 +29,7 @@ from meshward.demo_keys import DEMO_ISSUER, DemoKey, ensure_demo_key
 from meshward.envoy_binary import EnvoyNotFoundError, find_envoy
 from meshward.policy.errors import PolicyError
 from meshward.policy.loader import load_policy
-from meshward.policy.model import Policy
+from meshward.policy.model import Gateway, Policy
 from meshward.supervisor import Child, Supervisor
 
 
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         xds_status=free_port(),
         authz=free_port(),
         authz_status=free_port(),
-        admin={g.name: free_port() for g in policy.gateways},
+        admin={group: free_port() for group in policy.node_groups()},
     )
     sup = Supervisor(on_line=_LineRouter(say, args.quiet_decisions), on_event=say.event)
     stop = threading.Event()
@@ -142,6 +142,11 @@ def _demo_key(args: argparse.Namespace) -> DemoKey:
 def _busy_policy_ports(policy: Policy, upstreams: bool) -> list[str]:
     """Policy-owned ports that something else already listens on."""
     wanted = [(g.address, g.port, f"gateway '{g.name}'", g.source) for g in policy.gateways]
+    wanted += [
+        (s.sidecar.address, s.sidecar.port, f"the sidecar of service '{s.name}'", s.source)
+        for s in policy.services
+        if s.sidecar is not None
+    ]
     if upstreams:
         wanted += [
             (e.address, e.port, f"service '{s.name}'", s.source)
@@ -201,7 +206,8 @@ def _start_all(
             [*py, "xds", "--policy", policy_dir,
              "--listen", f"127.0.0.1:{ports.xds}",
              "--status-listen", f"127.0.0.1:{ports.xds_status}",
-             "--authz", f"127.0.0.1:{ports.authz}"],
+             "--authz", f"127.0.0.1:{ports.authz}",
+             "--ca-dir", str(args.state_dir / "ca")],
             env={"OTEL_SERVICE_NAME": "meshward-xds"},
             log_path=logs / "xds.log",
         )
@@ -220,13 +226,14 @@ def _start_all(
     )  # fmt: skip
     boot_dir = args.state_dir / "bootstrap"
     boot_dir.mkdir(parents=True, exist_ok=True)
-    for gw in policy.gateways:
-        path = boot_dir / f"{gw.name}.yaml"
+    # One Envoy per node group: each gateway and each service's sidecar.
+    for group in policy.node_groups():
+        path = boot_dir / f"{group}.yaml"
         path.write_text(
             render_bootstrap(
-                node_id=f"{gw.name}-local",
-                node_cluster=gw.name,
-                admin_port=ports.admin[gw.name],
+                node_id=f"{group}-local",
+                node_cluster=group,
+                admin_port=ports.admin[group],
                 xds_host="127.0.0.1",
                 xds_port=ports.xds,
                 template=args.bootstrap_template,
@@ -234,7 +241,7 @@ def _start_all(
         )
         sup.start(
             Child(
-                f"envoy-{gw.name}",
+                f"envoy-{group}",
                 [
                     envoy,
                     "-c",
@@ -245,7 +252,7 @@ def _start_all(
                     "--log-level",
                     "warn",
                 ],
-                log_path=logs / f"envoy-{gw.name}.log",
+                log_path=logs / f"envoy-{group}.log",
             )
         )
 
@@ -278,8 +285,8 @@ def _wait_ready(
         "authz": f"http://127.0.0.1:{ports.authz_status}/healthz",
         "xds": f"http://127.0.0.1:{ports.xds_status}/healthz",
     }
-    for gw in policy.gateways:
-        checks[f"envoy-{gw.name}"] = f"http://127.0.0.1:{ports.admin[gw.name]}/ready"
+    for group in policy.node_groups():
+        checks[f"envoy-{group}"] = f"http://127.0.0.1:{ports.admin[group]}/ready"
     pending = dict(checks)
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
@@ -291,11 +298,13 @@ def _wait_ready(
             time.sleep(0.1)
     if pending:
         return False
-    # Envoy is LIVE once its listeners arrived over xDS; confirm each gateway accepts.
-    for gw in policy.gateways:
+    # Envoy is LIVE once its listeners arrived over xDS; confirm each listener accepts.
+    listeners = [(g.address, g.port) for g in policy.gateways]
+    listeners += [(s.sidecar.address, s.sidecar.port) for s in policy.services if s.sidecar]
+    for address, port in listeners:
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection((gw.address, gw.port), timeout=1):
+                with socket.create_connection((address, port), timeout=1):
                     break
             except OSError:
                 time.sleep(0.1)
@@ -304,13 +313,34 @@ def _wait_ready(
     return True
 
 
+def gateway_url(gw: Gateway) -> str:
+    """How a client on this machine reaches a gateway (https with the cert's DNS name)."""
+    if gw.tls is not None:
+        host = gw.tls.dns_names[0] if gw.tls.dns_names else "localhost"
+        return f"https://{host}:{gw.port}"
+    host = "127.0.0.1" if gw.address in ("0.0.0.0", "::") else gw.address
+    return f"http://{host}:{gw.port}"
+
+
 def _banner(policy: Policy, ports: Ports, key: DemoKey, args: argparse.Namespace) -> str:
     lines = [f"meshward is up: policy {policy.version} from {args.policy}/", ""]
     for gw in policy.gateways:
-        host = "127.0.0.1" if gw.address in ("0.0.0.0", "::") else gw.address
         lines.append(
-            f"  gateway {gw.name:<10} http://{host}:{gw.port}   "
+            f"  gateway {gw.name:<10} {gateway_url(gw)}   "
             f"(Envoy admin http://127.0.0.1:{ports.admin[gw.name]})"
+        )
+    for svc in policy.services:
+        if svc.sidecar is not None:
+            group = policy.sidecar_group(svc.name)
+            lines.append(
+                f"  sidecar {svc.name:<10} {svc.sidecar.address}:{svc.sidecar.port} "
+                f"(mTLS only, {policy.spiffe_id(svc.name)}; "
+                f"Envoy admin http://127.0.0.1:{ports.admin[group]})"
+            )
+    ca_bundle = args.state_dir / "ca" / "ca.crt"
+    if any(g.tls for g in policy.gateways):
+        lines.append(
+            f"  CA bundle          {ca_bundle}   (trust domain {policy.mesh.trust_domain})"
         )
     lines += [
         f"  xDS server         127.0.0.1:{ports.xds}   "
@@ -325,7 +355,8 @@ def _banner(policy: Policy, ports: Ports, key: DemoKey, args: argparse.Namespace
     demo = any(i.issuer == DEMO_ISSUER for i in policy.issuers) and policy.gateways
     if demo:
         gw = policy.gateways[0]
-        url = f"http://{'127.0.0.1' if gw.address in ('0.0.0.0', '::') else gw.address}:{gw.port}"
+        url = gateway_url(gw)
+        curl = f"curl -i --cacert {ca_bundle}" if gw.tls else "curl -i"
         alice = key.mint("alice", ["staff"], ttl=8 * 3600)
         bob = key.mint("bob", ["customers"], ttl=8 * 3600)
         lines += [
@@ -335,17 +366,26 @@ def _banner(policy: Policy, ports: Ports, key: DemoKey, args: argparse.Namespace
             "",
             "Try:",
             "  # 200: alice administers orders",
-            f'  curl -i {url}/orders/42 -H "Authorization: Bearer $ALICE"',
+            f'  {curl} {url}/orders/42 -H "Authorization: Bearer $ALICE"',
             "  # 403: bob is a customer, customers may not read orders",
-            f'  curl -i {url}/orders/42 -H "Authorization: Bearer $BOB"',
+            f'  {curl} {url}/orders/42 -H "Authorization: Bearer $BOB"',
             "  # 200: customers may read the catalog",
-            f'  curl -i {url}/catalog/items -H "Authorization: Bearer $BOB"',
+            f'  {curl} {url}/catalog/items -H "Authorization: Bearer $BOB"',
             "  # 401: no token",
-            f"  curl -i {url}/orders/42",
+            f"  {curl} {url}/orders/42",
             "",
         ]
-    else:
-        lines += ["Mint tokens for your issuer's key and send them as 'Authorization: Bearer'.", ""]
+    elif policy.gateways:
+        gw = policy.gateways[0]
+        curl = f"curl -i --cacert {ca_bundle}" if gw.tls else "curl -i"
+        first = next(iter(gw.routes), None)
+        path = (first.match.prefix or first.match.path or "/") if first else "/"
+        lines += [
+            "Try (mint tokens with your issuer's key; send them as 'Authorization: Bearer'):",
+            "  # 401 until you send a token",
+            f"  {curl} {gateway_url(gw)}{path}",
+            "",
+        ]
     lines.append("Decisions (Ctrl-C stops everything):")
     return "\n".join(lines)
 

@@ -275,7 +275,7 @@ class CertificateAuthority:
         ``lifetime`` must be 60 s to 24 h. EKU serverAuth + clientAuth.
         """
         validate_workload_id(spiffe_id, self.trust_domain)
-        start, end = self._window(lifetime, MAX_SVID_LIFETIME, "SVID", not_before, now)
+        start, end, issued_at = self._window(lifetime, MAX_SVID_LIFETIME, "SVID", not_before, now)
         subject = (
             x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, self.trust_domain)])
             if len(self.trust_domain) <= _NAME_MAX
@@ -288,6 +288,7 @@ class CertificateAuthority:
             key_encipherment=True,
             not_before=start,
             not_after=end,
+            issued_at=issued_at,
         )
         log.debug(
             "issued SVID",
@@ -317,7 +318,9 @@ class CertificateAuthority:
         dns, ips = _server_names(dns_names)
         if spiffe_id is not None:
             validate_workload_id(spiffe_id, self.trust_domain)
-        start, end = self._window(lifetime, MAX_SERVER_LIFETIME, "server certificate", None, now)
+        start, end, issued_at = self._window(
+            lifetime, MAX_SERVER_LIFETIME, "server certificate", None, now
+        )
         attributes = []
         if dns and len(dns[0]) <= _NAME_MAX:
             attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, dns[0]))
@@ -334,6 +337,7 @@ class CertificateAuthority:
             key_encipherment=False,
             not_before=start,
             not_after=end,
+            issued_at=issued_at,
         )
         log.debug(
             "issued server certificate",
@@ -352,7 +356,8 @@ class CertificateAuthority:
         what: str,
         not_before: datetime | None,
         now: datetime | None,
-    ) -> tuple[datetime, datetime]:
+    ) -> tuple[datetime, datetime, datetime]:
+        """(not_before, not_after, issued_at): back-dated by the clock skew unless given."""
         if not MIN_LIFETIME <= lifetime <= maximum:
             raise PkiError(
                 f"{what} lifetime {lifetime} is out of range; use between "
@@ -361,6 +366,7 @@ class CertificateAuthority:
         if not_before is not None:
             start = _seconds(_aware(not_before, "not_before"))
             end = start + lifetime
+            issued_at = start
         else:
             current = _seconds(_aware(now, "now") if now is not None else utc_now())
             if current >= self.not_after:
@@ -369,9 +375,9 @@ class CertificateAuthority:
                     f"{self.not_after.isoformat()}; renew the CA (every proxy must then "
                     "trust the new bundle)"
                 )
-            start, end = current - CLOCK_SKEW, current + lifetime
+            start, end, issued_at = current - CLOCK_SKEW, current + lifetime, current
         # A certificate cannot outlive its issuer: clamp to the CA's expiry.
-        return start, min(end, self.not_after)
+        return start, min(end, self.not_after), issued_at
 
     def _issue(
         self,
@@ -382,6 +388,7 @@ class CertificateAuthority:
         key_encipherment: bool,
         not_before: datetime,
         not_after: datetime,
+        issued_at: datetime,
     ) -> IssuedCert:
         key = ec.generate_private_key(ec.SECP256R1())
         public = key.public_key()
@@ -426,6 +433,7 @@ class CertificateAuthority:
             uris=tuple(san.get_values_for_type(x509.UniformResourceIdentifier)),
             dns_names=tuple(san.get_values_for_type(x509.DNSName)),
             ip_addresses=tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress)),
+            issued_at=issued_at,
         )
 
 

@@ -31,10 +31,17 @@ class IssuedCert:
     uris: tuple[str, ...]
     dns_names: tuple[str, ...]
     ip_addresses: tuple[str, ...] = ()
+    #: When it was issued; ``not_before`` is back-dated by the clock skew allowance.
+    issued_at: datetime | None = None
 
     def renew_at(self) -> datetime:
-        """When to replace this certificate: half-way through its validity."""
-        return self.not_before + (self.not_after - self.not_before) / 2
+        """When to replace this certificate: half-way from issue to expiry.
+
+        Measured from the issue time, not from the back-dated ``not_before``: otherwise a
+        short lifetime L would renew after (L - skew) / 2, immediately at L = 60 s.
+        """
+        start = self.issued_at or self.not_before
+        return start + (self.not_after - start) / 2
 
     def serial_hex(self) -> str:
         """The serial as Envoy's admin ``/certs`` prints ``serial_number``.

@@ -809,6 +809,16 @@ class _Reader:
                 )
             issuer_urls[iss.issuer] = iss
         service_names = {s.name for s in services}
+        for gw in gateways:
+            for route in gw.routes:
+                if route.name.endswith(".inbound") and route.name[: -len(".inbound")] in (
+                    service_names
+                ):
+                    self.error(
+                        route.source,
+                        f"route name '{route.name}' is reserved for the inbound route of "
+                        "that service's sidecar; rename the route",
+                    )
         for ref, source, what in self.service_refs:
             if ref not in service_names:
                 self.error(

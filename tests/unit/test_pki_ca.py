@@ -415,7 +415,9 @@ def test_svid_follows_the_x509_svid_profile(ca: CertificateAuthority) -> None:
     assert svid.not_after - svid.not_before == timedelta(hours=1, seconds=60)
     issued_at = svid.not_before + timedelta(seconds=60)
     assert before.replace(microsecond=0) <= issued_at <= utc_now()
-    assert svid.renew_at() == svid.not_before + (svid.not_after - svid.not_before) / 2
+    # Half-way from *issue* (not the back-dated not_before) to expiry: lifetime / 2.
+    assert svid.issued_at == svid.not_before + timedelta(seconds=60)
+    assert svid.renew_at() == svid.issued_at + (svid.not_after - svid.issued_at) / 2
 
     assert verify_client(ca, svid) == [x509.UniformResourceIdentifier(WEB)]
 

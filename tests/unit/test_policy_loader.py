@@ -301,3 +301,13 @@ def test_gateway_names_starting_with_meshward_are_reserved(tmp_path: Path) -> No
         "gateway names starting with 'meshward-' are meshward's own node groups; "
         "rename the gateway"
     ]
+
+
+def test_sidecar_inbound_route_names_are_reserved(tmp_path: Path) -> None:
+    text = VALID_POLICY.replace("      - name: catalog-api", "      - name: catalog.inbound")
+    errors = errors_of(write_policy(tmp_path, text=text))
+    line = line_of(text, "name: catalog.inbound")
+    assert errors == [
+        f"{tmp_path}/mesh.yaml:{line}: route name 'catalog.inbound' is reserved for the "
+        "inbound route of that service's sidecar; rename the route"
+    ]
