@@ -43,6 +43,7 @@ install-check:
 bench: install
 	$(PY) bench/authz_bench.py
 	$(PY) bench/xds_bench.py
+	$(PY) bench/mtls_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
