@@ -3,8 +3,14 @@
 The policy comes from a directory (``--policy DIR``, the default, for standalone use)
 or from the xDS server (``--xds HOST:PORT``, see :mod:`authz.policy_source`). With
 ``--xds`` the gRPC server starts at once but fails closed until the first policy
-arrives: health NOT_SERVING, ``/healthz`` 503, every Check denied with 503
-``no_policy``.
+*and* its SVID arrive: health NOT_SERVING, ``/healthz`` 503, Checks denied with 503
+``no_policy`` (and no TLS handshake completes before the SVID).
+
+Transport: with ``--xds`` authz always serves mTLS with the SVID and trust bundle the
+xDS server sends (``spiffe://<td>/ns/<ns>/sa/meshward-authz``; rotated without a
+restart), requiring a client certificate with a SPIFFE ID of the trust domain
+(:mod:`authz.transport`). With ``--policy`` it serves plaintext unless
+``--tls-cert``, ``--tls-key`` and ``--tls-ca`` are given (static mTLS, same checks).
 
 Exit codes: 0 after a clean stop, 2 for input errors (policy rejected, bad flags),
 1 when the service cannot start (address in use, broken install). SIGHUP reloads the
@@ -80,6 +86,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="address of /healthz, /metrics and /status",
     )
     parser.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="with --policy: serve mTLS with this certificate chain (needs --tls-key, --tls-ca)",
+    )
+    parser.add_argument("--tls-key", metavar="PEM", help="the unencrypted key of --tls-cert")
+    parser.add_argument(
+        "--tls-ca", metavar="PEM", help="CA bundle client certificates must chain to"
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     parser.set_defaults(func=run)
@@ -108,6 +123,32 @@ def run(args: argparse.Namespace) -> int:
     if args.node_id is not None and args.xds is None:
         print("meshward authz: --node-id only applies with --xds HOST:PORT", file=sys.stderr)
         return 2
+    tls_files = [args.tls_cert, args.tls_key, args.tls_ca]
+    if any(tls_files) and args.xds is not None:
+        print(
+            "meshward authz: --tls-cert/--tls-key/--tls-ca only apply with --policy "
+            "(with --xds the SVID comes from the xDS server)",
+            file=sys.stderr,
+        )
+        return 2
+    if any(tls_files) and not all(tls_files):
+        print("meshward authz: give --tls-cert, --tls-key and --tls-ca together", file=sys.stderr)
+        return 2
+    from pathlib import Path
+
+    from authz.transport import ServerTls, TlsMaterialError, load_pem_files
+
+    tls: ServerTls | None = None
+    if args.xds is not None:
+        tls = ServerTls()  # the SVID arrives over ADS
+    elif all(tls_files):
+        try:
+            tls = ServerTls(
+                load_pem_files(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_ca))
+            )
+        except TlsMaterialError as error:
+            print(f"meshward authz: {error}", file=sys.stderr)
+            return 2
     policy_dir = args.policy if args.policy is not None else DEFAULT_POLICY_DIR
     policy: Policy | None = None
     if args.xds is None:
@@ -127,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
         provider.get_tracer("meshward.authz"),
         listen=args.listen,
         workers=args.workers,
+        tls=tls,
     )
     xds: XdsPolicySource | None = None
 
@@ -159,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
                 authz_listen=_with_port(args.listen, port),
                 node_id=args.node_id,
                 registry=service.registry,
+                tls_sink=service,
             )
             xds.start()
         log.info(
@@ -170,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
                 "policy_source": "xds" if xds is not None else "file",
                 "xds": args.xds,
                 "node": xds.node.id if xds is not None else None,
+                "transport": "mtls" if tls is not None else "plaintext",
             },
         )
         while True:

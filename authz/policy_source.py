@@ -27,6 +27,15 @@ Protocol, as the xDS server (:mod:`xds_server.server`) expects it from Envoy:
   carries the last applied ``version_info`` and an empty nonce, and the server answers
   it with the full current state. Meanwhile authz keeps deciding with the last policy.
 
+**Secrets.** Built with a ``tls_sink`` (``meshward authz --xds`` always is), the source
+also subscribes on the same stream to the SDS type
+``envoy.extensions.transport_sockets.tls.v3.Secret`` with the names ``svid`` and
+``trust-bundle`` (:mod:`authz.transport`): authz's own SVID and the CA bundle, issued
+and rotated by the xDS server. A response must carry both, as inline PEM, with a key
+that matches the certificate; it is ACKed once handed to the sink (new connections use
+it), NACKed otherwise (the previous certificate keeps serving). Each type keeps its own
+``version_info`` (sent again on resume) and nonce.
+
 Each attempt uses a new channel with a local subchannel pool, so grpcio's own
 reconnect back-off (which can grow to minutes) never delays the next attempt.
 """
@@ -45,11 +54,19 @@ from typing import Any, Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import code_pb2, status_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from authz.compiled import CompiledPolicy, compile_policy
+from authz.transport import (
+    SECRET_NAMES,
+    SECRET_TYPE_URL,
+    SVID_SECRET,
+    TRUST_BUNDLE_SECRET,
+    TlsMaterial,
+)
 from meshward import __version__
 from meshward.policy import wire
 from meshward.policy.model import Policy
@@ -77,6 +94,12 @@ class PolicySink(Protocol):
     def set_policy(self, policy: Policy, compiled: CompiledPolicy | None = None) -> None: ...
 
 
+class TlsSink(Protocol):
+    """What receives authz's SVID and trust bundle: :class:`authz.server.AuthzService`."""
+
+    def set_tls(self, material: TlsMaterial) -> None: ...
+
+
 def default_node_id() -> str:
     """``authz-<hostname>-<pid>``: unique per process on a host."""
     return f"authz-{socket.gethostname()}-{os.getpid()}"
@@ -101,6 +124,7 @@ class XdsPolicySource:
         registry: CollectorRegistry | None = None,
         initial_backoff: float = INITIAL_BACKOFF,
         max_backoff: float = MAX_BACKOFF,
+        tls_sink: TlsSink | None = None,
     ) -> None:
         self.xds_address = xds_address
         self.node = base_pb2.Node(
@@ -111,6 +135,8 @@ class XdsPolicySource:
         )
         self.node.metadata.update({LISTEN_METADATA_KEY: authz_listen})
         self._sink = sink
+        self._tls_sink = tls_sink
+        self._tls: TlsMaterial | None = None
         self._initial_backoff = initial_backoff
         self._max_backoff = max_backoff
         registry = registry if registry is not None else CollectorRegistry()
@@ -122,6 +148,14 @@ class XdsPolicySource:
         )
         self._acks = updates.labels("ack")
         self._nacks = updates.labels("nack")
+        secret_updates = Counter(
+            "meshward_authz_secret_updates",
+            "SVID/trust bundle responses from the xDS server, by outcome.",
+            ["result"],
+            registry=registry,
+        )
+        self._secret_acks = secret_updates.labels("ack")
+        self._secret_nacks = secret_updates.labels("nack")
         self._connected_gauge = Gauge(
             "meshward_authz_xds_connected",
             "1 while the ADS stream to the xDS server is open and answered, else 0.",
@@ -133,7 +167,8 @@ class XdsPolicySource:
         self._call: Any = None
         # Guarded by _lock (read by status() from other threads).
         self._connected = False
-        self._version_info = ""  # version_info of the last ACKed response
+        self._version_info = ""  # version_info of the last ACKed policy response
+        self._secret_version_info = ""  # ... and of the last ACKed secret response
         self._updated_at: float | None = None
         self._last_error: str | None = None
         self._last_error_at: float | None = None
@@ -178,6 +213,9 @@ class XdsPolicySource:
                 "last_error": self._last_error,
                 "last_error_at": self._last_error_at,
                 "streams": self._streams,
+                "secret_version_info": self._secret_version_info or None,
+                "spiffe_id": self._tls.spiffe_id if self._tls is not None else None,
+                "svid_serial": self._tls.serial if self._tls is not None else None,
             }
 
     # -- the stream ----------------------------------------------------------------
@@ -214,11 +252,21 @@ class XdsPolicySource:
         requests: SimpleQueue[discovery_pb2.DiscoveryRequest | None] = SimpleQueue()
         with self._lock:
             resume = self._version_info
+            resume_secrets = self._secret_version_info
         requests.put(
             discovery_pb2.DiscoveryRequest(
                 node=self.node, type_url=wire.TYPE_URL, version_info=resume, response_nonce=""
             )
         )
+        if self._tls_sink is not None:
+            requests.put(
+                discovery_pb2.DiscoveryRequest(
+                    type_url=SECRET_TYPE_URL,
+                    version_info=resume_secrets,
+                    resource_names=list(SECRET_NAMES),
+                    response_nonce="",
+                )
+            )
         channel = grpc.insecure_channel(self.xds_address, options=_CHANNEL_OPTIONS)
         answered = False
         reason = "closed by the server"
@@ -248,6 +296,8 @@ class XdsPolicySource:
 
     def _handle(self, response: discovery_pb2.DiscoveryResponse) -> discovery_pb2.DiscoveryRequest:
         """Apply one response; the ACK or NACK to send for it."""
+        if self._tls_sink is not None and response.type_url == SECRET_TYPE_URL:
+            return self._handle_secrets(response)
         try:
             applied = self._apply(response)
         except Exception as error:  # any failure: NACK and keep the old policy
@@ -289,6 +339,55 @@ class XdsPolicySource:
             response_nonce=response.nonce,
         )
 
+    def _handle_secrets(
+        self, response: discovery_pb2.DiscoveryResponse
+    ) -> discovery_pb2.DiscoveryRequest:
+        """Apply one SDS response (authz's SVID and the trust bundle); ACK or NACK."""
+        assert self._tls_sink is not None
+        try:
+            material = _material(response)
+        except Exception as error:  # NACK; the previous certificate keeps serving
+            message = (
+                str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+            )
+            self._secret_nacks.inc()
+            self._record_error(f"rejected secrets version {response.version_info}: {message}")
+            with self._lock:
+                kept = self._secret_version_info
+            _log.warning(
+                "xds secrets rejected; the last certificate keeps serving",
+                extra={"rejected_version": response.version_info, "error": message},
+            )
+            return discovery_pb2.DiscoveryRequest(
+                type_url=SECRET_TYPE_URL,
+                version_info=kept,
+                resource_names=list(SECRET_NAMES),
+                response_nonce=response.nonce,
+                error_detail=status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message),
+            )
+        changed = material != self._tls
+        if changed:
+            self._tls_sink.set_tls(material)
+        self._secret_acks.inc()
+        with self._lock:
+            self._tls = material
+            self._secret_version_info = response.version_info
+        if changed:
+            _log.info(
+                "xds certificate applied",
+                extra={
+                    "version": response.version_info,
+                    "spiffe_id": material.spiffe_id,
+                    "serial": material.serial,
+                },
+            )
+        return discovery_pb2.DiscoveryRequest(
+            type_url=SECRET_TYPE_URL,
+            version_info=response.version_info,
+            resource_names=list(SECRET_NAMES),
+            response_nonce=response.nonce,
+        )
+
     def _apply(self, response: discovery_pb2.DiscoveryResponse) -> bool:
         """Decode, compile and swap in the response's policy; False if already enforced.
         Raises on anything unacceptable."""
@@ -321,6 +420,28 @@ class XdsPolicySource:
         with self._lock:
             self._last_error = message
             self._last_error_at = time.time()
+
+
+def _material(response: discovery_pb2.DiscoveryResponse) -> TlsMaterial:
+    """The SVID and bundle an SDS response carries; raises ``ValueError`` saying why not."""
+    secrets: dict[str, secret_pb2.Secret] = {}
+    for packed in response.resources:
+        secret = secret_pb2.Secret()
+        if not packed.Unpack(secret):
+            raise ValueError(f"resource is a {packed.type_url!r}, not a Secret")
+        secrets[secret.name] = secret
+    missing = [name for name in SECRET_NAMES if name not in secrets]
+    if missing:
+        raise ValueError(f"missing secret(s) {', '.join(missing)}; got {sorted(secrets)}")
+    svid = secrets[SVID_SECRET].tls_certificate
+    bundle = secrets[TRUST_BUNDLE_SECRET].validation_context.trusted_ca
+    if not (svid.certificate_chain.inline_bytes and svid.private_key.inline_bytes):
+        raise ValueError(f"secret {SVID_SECRET!r} lacks an inline certificate chain and key")
+    if not bundle.inline_bytes:
+        raise ValueError(f"secret {TRUST_BUNDLE_SECRET!r} lacks an inline trusted_ca")
+    return TlsMaterial.parse(
+        svid.certificate_chain.inline_bytes, svid.private_key.inline_bytes, bundle.inline_bytes
+    )
 
 
 def _drain(

@@ -12,6 +12,12 @@ gRPC error (which Envoy would treat as a transport failure). The standard
 while started *with a policy*, NOT_SERVING before the first policy (a service built
 with ``policy=None`` waits for one from the xDS server and denies every Check with
 503 ``no_policy`` meanwhile) and once stopping.
+
+With a :class:`authz.transport.ServerTls` the server speaks only mTLS (client
+certificate required, chained to the trust bundle) and every call's peer must present
+a SPIFFE ID of the trust domain (the policy's ``mesh.trust_domain``, or the SVID's
+before the first policy), else ``PERMISSION_DENIED``. It is SERVING only once it has
+both a policy and a certificate (:meth:`AuthzService.set_tls`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from authz.check import Checker
 from authz.compiled import CompiledPolicy, compile_policy
 from authz.decision_log import DecisionLog
 from authz.metrics import AuthzMetrics
+from authz.transport import ServerTls, TlsMaterial, peer_spiffe_ids
 from meshward.policy.model import Policy
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
@@ -75,6 +82,8 @@ class AuthzService:
         listen: str = "127.0.0.1:0",
         workers: int = 4,
         registry: CollectorRegistry | None = None,
+        *,
+        tls: ServerTls | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
@@ -93,6 +102,7 @@ class AuthzService:
         self._stopping = False
         self._port = 0
         self._lock = threading.RLock()
+        self._tls = tls
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -119,7 +129,10 @@ class AuthzService:
             server.add_registered_method_handlers(SERVICE_NAME, handlers)
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
             try:
-                port = server.add_insecure_port(self._listen)
+                if self._tls is not None:
+                    port = server.add_secure_port(self._listen, self._tls.server_credentials())
+                else:
+                    port = server.add_insecure_port(self._listen)
             except RuntimeError as error:
                 raise ListenError(
                     f"cannot listen on {self._listen}: address in use or not local "
@@ -137,6 +150,7 @@ class AuthzService:
                     "port": port,
                     "workers": self._workers,
                     "policy_version": self.policy_version,
+                    "transport": "mtls" if self._tls is not None else "plaintext",
                 },
             )
             return self._port
@@ -165,8 +179,24 @@ class AuthzService:
         return compiled.version if compiled is not None else None
 
     def serving(self) -> bool:
-        """True while started and holding a policy (for ``/healthz``)."""
-        return self._server is not None and self._checker.policy is not None
+        """True while started and holding a policy, and with mTLS a certificate too
+        (for ``/healthz``)."""
+        return self._server is not None and self._ready()
+
+    def _ready(self) -> bool:
+        return self._checker.policy is not None and (self._tls is None or self._tls.ready)
+
+    def set_tls(self, material: TlsMaterial) -> None:
+        """Serve ``material`` (SVID + bundle) to new connections; the first one (with a
+        policy) turns health to SERVING. Only for a service built with ``tls``."""
+        if self._tls is None:
+            raise RuntimeError("this authz service serves plaintext; build it with tls")
+        self._tls.set(material)
+        self._set_health()
+        _log.info(
+            "tls certificate loaded",
+            extra={"spiffe_id": material.spiffe_id, "serial": material.serial},
+        )
 
     def set_policy(self, policy: Policy, compiled: CompiledPolicy | None = None) -> None:
         """Swap ``policy`` in atomically (compiled here unless ``compiled`` is given);
@@ -188,6 +218,17 @@ class AuthzService:
             "workers": self._workers,
             "policy_version": self.policy_version,
             "policy_files": list(self._policy.files) if self._policy is not None else [],
+            "transport": self._transport_status(),
+        }
+
+    def _transport_status(self) -> dict[str, Any]:
+        if self._tls is None:
+            return {"mtls": False}
+        material = self._tls.material
+        return {
+            "mtls": True,
+            "spiffe_id": material.spiffe_id if material is not None else None,
+            "serial": material.serial if material is not None else None,
         }
 
     def _set_health(self) -> None:
@@ -197,7 +238,7 @@ class AuthzService:
                 return
             state = (
                 health_pb2.HealthCheckResponse.SERVING
-                if self._checker.policy is not None
+                if self._ready()
                 else health_pb2.HealthCheckResponse.NOT_SERVING
             )
             for name in ("", SERVICE_NAME):
@@ -210,5 +251,22 @@ class AuthzService:
         request: external_auth_pb2.CheckRequest | _Undecodable,
         context: grpc.ServicerContext,
     ) -> external_auth_pb2.CheckResponse:
+        if self._tls is not None:
+            self._check_peer(context)
         message = None if request is _UNDECODABLE else request
         return self._checker.check(message, context.invocation_metadata())
+
+    def _check_peer(self, context: grpc.ServicerContext) -> None:
+        """Abort with PERMISSION_DENIED unless the peer is a SPIFFE ID of the trust domain."""
+        policy = self._policy
+        material = self._tls.material if self._tls is not None else None
+        domain = policy.mesh.trust_domain if policy is not None else None
+        if domain is None and material is not None:
+            domain = material.trust_domain
+        ids = peer_spiffe_ids(context.auth_context())
+        if domain is not None and any(i.startswith(f"spiffe://{domain}/") for i in ids):
+            return
+        context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"peer {ids[0] if ids else 'without a SPIFFE ID'} is not of trust domain {domain}",
+        )

@@ -1,9 +1,10 @@
 """A small demo upstream service: answers every request with JSON describing it.
 
 It shows what reached the upstream after meshward decided: the method, the path and
-the identity headers authz added (``x-meshward-subject``, and ``x-meshward-workload``:
-the SPIFFE ID of the mTLS peer, i.e. the gateway, as its sidecar verified it). ``TCP_NODELAY`` and a large
-listen backlog keep it from measuring Nagle's algorithm instead of the mesh.
+the identity headers authz added (``x-meshward-subject``, and
+``x-meshward-workload``: the SPIFFE ID of the mTLS peer, i.e. the gateway, as its
+sidecar verified it). ``TCP_NODELAY`` and a large listen backlog keep it from
+measuring Nagle's algorithm instead of the mesh.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def make_server(name: str, listen: str) -> ThreadingHTTPServer:
                         "method": self.command,
                         "path": self.path,
                         "subject": self.headers.get("x-meshward-subject"),
-                    "workload": self.headers.get("x-meshward-workload"),
+                        "workload": self.headers.get("x-meshward-workload"),
                         "decision_id": self.headers.get("x-meshward-decision-id"),
                         "request_count": count,
                     }

@@ -281,6 +281,8 @@ def _http_ok(url: str, want: str | None = None) -> bool:
 def _wait_ready(
     sup: Supervisor, policy: Policy, ports: Ports, timeout: float, say: _Printer
 ) -> bool:
+    # authz's /healthz is 200 only once it holds both the policy and its SVID (both
+    # come from the xDS server over ADS; it serves Envoy over mTLS only).
     checks = {
         "authz": f"http://127.0.0.1:{ports.authz_status}/healthz",
         "xds": f"http://127.0.0.1:{ports.xds_status}/healthz",
@@ -346,7 +348,8 @@ def _banner(policy: Policy, ports: Ports, key: DemoKey, args: argparse.Namespace
         f"  xDS server         127.0.0.1:{ports.xds}   "
         f"(status http://127.0.0.1:{ports.xds_status}/status)",
         f"  authz              127.0.0.1:{ports.authz}   "
-        f"(metrics http://127.0.0.1:{ports.authz_status}/metrics)",
+        f"(mTLS only, {policy.spiffe_id('meshward-authz')}; "
+        f"metrics http://127.0.0.1:{ports.authz_status}/metrics)",
         f"  logs               {args.state_dir / 'logs'}/",
         "  status             meshward status   (policy and per-proxy versions)",
         f"  live reload        edit {args.policy}/*.yaml: valid edits apply within a second",

@@ -10,7 +10,9 @@ mesh (a module-scoped fixture) and make blocking HTTPS requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
+import selectors
 import socket
 import ssl
 import threading
@@ -25,12 +27,14 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import status_pb2
 
+from authz.transport import ServerTls, TlsMaterial
 from meshward.pki import CertificateAuthority, CredentialStore, IssuedCert
 from meshward.policy.model import Policy
 from tests.envoy_harness import EnvoyProcess, free_port
 from xds_server.bootstrap import render_bootstrap
 from xds_server.credentials import CredentialSource
 from xds_server.service import XdsService
+from xds_server.translator import AUTHZ_GROUP
 
 T = TypeVar("T")
 
@@ -95,11 +99,44 @@ class RecordingAuthz(external_auth_pb2_grpc.AuthorizationServicer):  # type: ign
             return list(self.checks)
 
 
-async def start_authz(port: int) -> tuple[grpc.aio.Server, RecordingAuthz]:
+class SourceTls(ServerTls):
+    """authz's TLS from the xDS server's :class:`CredentialSource`: before each handshake
+    it takes the authz SVID being served (so rotations apply, as in real authz)."""
+
+    def __init__(self, source: CredentialSource) -> None:
+        super().__init__()
+        self._source = source
+        self._refresh()
+
+    def _refresh(self) -> None:
+        current = self._source.current
+        if current is not None and AUTHZ_GROUP in current.svids:
+            cert = current.svids[AUTHZ_GROUP]
+            self.set(TlsMaterial(bytes(cert.chain_pem), bytes(cert.key_pem), current.bundle_pem))
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        self._refresh()
+        return super().fetch()
+
+
+def authz_tls_from_ca(ca: CertificateAuthority, spiffe_id: str) -> ServerTls:
+    """Static authz TLS: an SVID for ``spiffe_id`` from ``ca`` (e.g. the CA that a
+    ``meshward xds`` process created), trusting ``ca``'s bundle."""
+    svid = ca.issue_svid(spiffe_id)
+    return ServerTls(TlsMaterial.parse(svid.chain_pem, svid.key_pem, ca.bundle_pem))
+
+
+async def start_authz(
+    port: int, tls: ServerTls | None = None
+) -> tuple[grpc.aio.Server, RecordingAuthz]:
+    """The recording authz on ``port``: mTLS with ``tls``, else plaintext."""
     servicer = RecordingAuthz()
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
-    assert server.add_insecure_port(f"127.0.0.1:{port}") == port
+    if tls is not None:
+        assert server.add_secure_port(f"127.0.0.1:{port}", tls.server_credentials()) == port
+    else:
+        assert server.add_insecure_port(f"127.0.0.1:{port}") == port
     await server.start()
     return server, servicer
 
@@ -309,13 +346,15 @@ class MtlsMesh:
         )
 
         async def boot() -> int:
-            self._authz_server, self.authz = await start_authz(self.authz_port)
+            source = CredentialSource(store)
             self.service = XdsService(
                 self.policy,
                 [("127.0.0.1", self.authz_port)],
-                credentials=CredentialSource(store),
+                credentials=source,
                 rotation_poll_seconds=1.0,
             )
+            # Envoy → authz is mTLS: the stand-in serves the authz SVID the xDS server issued.
+            self._authz_server, self.authz = await start_authz(self.authz_port, SourceTls(source))
             return await self.service.start()
 
         self.loop.run(boot())
@@ -465,3 +504,88 @@ class HttpsTraffic:
     def failures(self) -> list[tuple[float, int, str]]:
         with self._lock:
             return [r for r in self.results if r[1] != 200]
+
+
+class TlsRelay:
+    """A plaintext → mTLS relay, so a stock grpcio client can call authz over mTLS.
+
+    grpcio's Python client always checks the server's host name, and an SVID has only a
+    URI SAN (no DNS name), which is what Envoy checks instead. The relay listens on a
+    local port; for each connection it opens TLS 1.3 (ALPN ``h2``) to ``target`` with
+    the client ``cert`` (PEM chain + key; ``None``: no client certificate), verifies the
+    server against ``bundle`` *without* a host name, and pipes bytes both ways. Use
+    ``grpc.insecure_channel(relay.address)``: what authz sees is the relay's TLS peer.
+    A failed handshake closes the client's connection (the call fails UNAVAILABLE).
+    """
+
+    def __init__(
+        self, target_port: int, bundle_pem: bytes, cert: tuple[bytes, bytes] | None
+    ) -> None:
+        import tempfile
+
+        self.target_port = target_port
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.context.check_hostname = False
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_3
+        self.context.load_verify_locations(cadata=bundle_pem.decode())
+        self.context.set_alpn_protocols(["h2"])
+        if cert is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                chain, key = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
+                chain.write_bytes(cert[0])
+                key.write_bytes(cert[1])
+                self.context.load_cert_chain(chain, key)
+        self.handshake_errors: list[str] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            raw = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            upstream = self.context.wrap_socket(raw)
+            upstream.settimeout(None)
+        except (OSError, ssl.SSLError) as exc:
+            self.handshake_errors.append(str(exc))
+            client.close()
+            return
+
+        # One thread per connection: an SSL socket must not be read and written from
+        # two threads at once.
+        peers = {client: upstream, upstream: client}
+        try:
+            with selectors.DefaultSelector() as selector:
+                for sock in peers:
+                    selector.register(sock, selectors.EVENT_READ)
+                while True:
+                    if upstream.pending():
+                        ready: list[Any] = [upstream]
+                    else:
+                        ready = [key.fileobj for key, _ in selector.select(timeout=60)]
+                        if not ready:
+                            return
+                    for sock in ready:
+                        data = sock.recv(65536)
+                        if not data:
+                            return
+                        peers[sock].sendall(data)
+        except (OSError, ssl.SSLError) as exc:
+            self.handshake_errors.append(str(exc))
+        finally:
+            for sock in peers:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()

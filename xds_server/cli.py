@@ -9,7 +9,8 @@ rejected with its ``file:line`` errors and the last good policy keeps serving.
 Certificates: the mesh CA is the built-in one in ``--ca-dir`` (created on first run for
 the policy's ``mesh.trust_domain``: ``ca.crt`` and ``ca.key``, the only files written)
 or the operator's ``--ca-cert``/``--ca-key``. SVIDs (``--svid-lifetime`` seconds) and
-gateway server certificates are issued in memory, served to the proxies over SDS and
+gateway server certificates are issued in memory, served to the proxies (and authz's own
+SVID to authz, for the mTLS Envoy → authz hop) over SDS and
 re-issued at half their lifetime.
 """
 

@@ -5,7 +5,10 @@ The translator is pure: it takes a :class:`~xds_server.translator.Credentials` v
 :class:`meshward.pki.CredentialStore` (the store issues on first use and re-issues at
 half-life; this module only asks it for exactly what
 :func:`~xds_server.translator.credential_needs` says the policy references, and tells
-it to forget the rest). Issuing happens in the xDS server process, in memory: the
+it to forget the rest). With the PKI wired, the Envoy → authz hop is mTLS too, so every
+policy needs at least authz's SVID (workload :data:`~xds_server.translator.AUTHZ_GROUP`,
+``spiffe://<td>/ns/<ns>/sa/meshward-authz``) and one per gateway; they are issued and
+rotated like the others. Issuing happens in the xDS server process, in memory: the
 only files the PKI ever writes are the CA's own (``ca.crt``, ``ca.key`` on first run).
 Private keys leave this process only inside SDS responses to proxies; they are never
 logged and never shown on status pages (only serials, SPIFFE IDs, names and dates).
@@ -45,20 +48,24 @@ class CredentialSource:
         return str(self.store.ca.trust_domain)
 
     @property
+    def current(self) -> Credentials | None:
+        """The credentials being served (the last :meth:`commit`), ``None`` before."""
+        return self._current
+
+    @property
     def bundle_pem(self) -> bytes:
         return bytes(self.store.ca.bundle_pem)
 
     def issue(self, policy: Policy) -> Credentials | None:
-        """The credentials ``policy`` needs (``None`` if it needs none), issuing or
-        re-issuing what is missing or past half-life. Nothing is dropped and the served
+        """The credentials ``policy`` needs (always at least authz's SVID: the
+        Envoy → authz hop is mTLS), issuing or re-issuing what is missing or past
+        half-life. Nothing is dropped and the served
         state is unchanged until :meth:`commit` (the policy may still be refused).
 
         Raises ``ValueError`` (with the PKI's message) when the PKI cannot issue them,
         e.g. the policy's trust domain is not the CA's.
         """
-        needs = credential_needs(policy)
-        if not needs:
-            return None
+        needs = credential_needs(policy, authz_mtls=True)
         if policy.mesh.trust_domain != self.trust_domain:
             raise ValueError(
                 f"mesh.trust_domain is {policy.mesh.trust_domain!r} but the CA serves "

@@ -73,8 +73,16 @@ A group holds only the secrets its listeners and clusters reference.
   one Envoy builds from the verified peer (``By=<sidecar SPIFFE ID>;Hash=…;URI=<peer
   SPIFFE ID>``), so the app may read its caller's identity from it.
 * **Mesh-internal hops are TLS 1.3 only** (both ends are Envoy), gateway → sidecar.
-* Known gaps (loopback only): the ``meshward_authz`` cluster is still plaintext gRPC,
-  and so is the ADS connection that carries the secrets (private keys included).
+* **Envoy → authz** (when ``credentials`` hold an SVID for :data:`AUTHZ_GROUP`, i.e.
+  always with the PKI wired): the ``meshward_authz`` cluster of every node group is
+  mTLS (TLS 1.3, ALPN ``h2``) with the group's ``svid`` as client certificate, and authz
+  must chain to ``trust-bundle`` and carry exactly :meth:`Policy.spiffe_id
+  <meshward.policy.model.Policy.spiffe_id>` ``("meshward-authz")``. Every gateway then
+  has an SVID. The :data:`AUTHZ_GROUP` snapshot carries ``svid`` (authz's SVID) and
+  ``trust-bundle`` beside the policy; authz serves gRPC over TLS with them and requires
+  a client certificate of the trust domain (:mod:`authz.transport`).
+* Known gap (loopback only): the ADS connection that carries the secrets (private keys
+  included) is still plaintext.
 """
 
 from __future__ import annotations
@@ -179,7 +187,8 @@ class KeyPair(Protocol):
 class Credentials:
     """The certificates a translation may reference: the translator's PKI input.
 
-    ``svids``: workload (service or gateway name) → its SVID; ``server_certs``: TLS
+    ``svids``: workload (service or gateway name, or :data:`AUTHZ_GROUP` for authz's
+    own SVID, which turns on mTLS to authz) → its SVID; ``server_certs``: TLS
     gateway name → its server certificate; ``bundle_pem``: the CA bundle peers are
     verified against; ``generation``: changes whenever any of them does (it becomes
     part of the snapshot version).
@@ -206,11 +215,20 @@ class CredentialNeeds:
         return bool(self.svids or self.server_certs)
 
 
-def credential_needs(policy: Policy) -> CredentialNeeds:
-    """The certificates :func:`translate` will reference for ``policy`` (pure)."""
+def credential_needs(policy: Policy, *, authz_mtls: bool = False) -> CredentialNeeds:
+    """The certificates :func:`translate` will reference for ``policy`` (pure).
+
+    ``authz_mtls``: the Envoy → authz hop is mTLS, so every gateway needs an SVID and
+    authz needs one too (workload :data:`AUTHZ_GROUP`)."""
     sidecars = {s.name for s in policy.services if s.sidecar is not None}
-    svids = [g.name for g in policy.gateways if any(r.service in sidecars for r in g.routes)]
+    svids = [
+        g.name
+        for g in policy.gateways
+        if authz_mtls or any(r.service in sidecars for r in g.routes)
+    ]
     svids += [s.name for s in policy.services if s.sidecar is not None]
+    if authz_mtls:
+        svids.append(AUTHZ_GROUP)
     servers = {g.name: g.tls.dns_names for g in policy.gateways if g.tls is not None}
     return CredentialNeeds(tuple(dict.fromkeys(svids)), servers)
 
@@ -245,6 +263,14 @@ def translate(
             f"authz failure status {authz_failure_status} is not supported; use 403 or 503"
         )
     _check_credentials(policy, credentials)
+    authz_mtls = credentials is not None and AUTHZ_GROUP in credentials.svids
+    if authz_mtls:
+        for service in policy.services:
+            if service.name == AUTHZ_GROUP:
+                raise ValueError(
+                    f"service name {service.name!r} is reserved for authz (its SPIFFE ID "
+                    "would be authz's); rename the service"
+                )
     inbound = {inbound_route_name(s.name) for s in policy.services if s.sidecar is not None}
     for route in policy.routes():
         if route.name in inbound:
@@ -271,11 +297,17 @@ def translate(
                 policy, service, authz_endpoints, authz_failure_status, credentials
             )
     groups[AUTHZ_GROUP] = {rs.POLICY: [wire.to_resource(policy)]}
+    if credentials is not None and authz_mtls:
+        groups[AUTHZ_GROUP][rs.SECRET] = [
+            _certificate_secret(SVID_SECRET, credentials.svids[AUTHZ_GROUP]),
+            _bundle_secret(credentials.bundle_pem),
+        ]
     return groups
 
 
 def _check_credentials(policy: Policy, credentials: Credentials | None) -> None:
-    needs = credential_needs(policy)
+    authz_mtls = credentials is not None and AUTHZ_GROUP in credentials.svids
+    needs = credential_needs(policy, authz_mtls=authz_mtls)
     if not needs:
         return
     if credentials is None:
@@ -364,10 +396,11 @@ def _gateway_resources(
         if assignment is not None:
             assignments.append(assignment)
 
-    cluster, assignment = _cluster(AUTHZ_CLUSTER, list(authz_endpoints), http2=True)
+    cluster, assignment = _authz_cluster(policy, authz_endpoints, credentials)
     clusters.append(cluster)
     if assignment is not None:
         assignments.append(assignment)
+    mtls_upstream = mtls_upstream or cluster.HasField("transport_socket")
 
     manager = _http_connection_manager(
         gateway.name, authz_failure_status, _HCM.SANITIZE, set_uri=False
@@ -416,11 +449,10 @@ def _sidecar_resources(
     group = policy.sidecar_group(service.name)
     clusters: list[Message] = []
     assignments: list[Message] = []
-    for name, addresses, http2 in (
-        (service.name, [(e.address, e.port) for e in service.endpoints], False),
-        (AUTHZ_CLUSTER, list(authz_endpoints), True),
+    for cluster, assignment in (
+        _cluster(service.name, [(e.address, e.port) for e in service.endpoints]),
+        _authz_cluster(policy, authz_endpoints, credentials),
     ):
-        cluster, assignment = _cluster(name, addresses, http2=http2)
         clusters.append(cluster)
         if assignment is not None:
             assignments.append(assignment)
@@ -492,6 +524,20 @@ def _cluster(
     return cluster, None
 
 
+def _authz_cluster(
+    policy: Policy,
+    authz_endpoints: Sequence[tuple[str, int]],
+    credentials: Credentials | None,
+) -> tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment | None]:
+    """The HTTP/2 ext_authz cluster; mTLS to authz's SPIFFE ID when authz has an SVID."""
+    cluster, assignment = _cluster(AUTHZ_CLUSTER, list(authz_endpoints), http2=True)
+    if credentials is not None and AUTHZ_GROUP in credentials.svids:
+        cluster.transport_socket.CopyFrom(
+            _upstream_tls(policy.spiffe_id(AUTHZ_GROUP), alpn=("h2",))
+        )
+    return cluster, assignment
+
+
 def _load_assignment(
     name: str, addresses: Iterable[tuple[str, int]]
 ) -> endpoint_pb2.ClusterLoadAssignment:
@@ -561,11 +607,11 @@ def _mesh_tls_context(peer: string_pb2.StringMatcher) -> tls_pb2.CommonTlsContex
     )
 
 
-def _upstream_tls(spiffe_id: str) -> base_pb2.TransportSocket:
-    """mTLS to a sidecar that must present exactly ``spiffe_id``."""
-    context = tls_pb2.UpstreamTlsContext(
-        common_tls_context=_mesh_tls_context(string_pb2.StringMatcher(exact=spiffe_id))
-    )
+def _upstream_tls(spiffe_id: str, alpn: Sequence[str] = ()) -> base_pb2.TransportSocket:
+    """mTLS to a peer (a sidecar, authz) that must present exactly ``spiffe_id``."""
+    common = _mesh_tls_context(string_pb2.StringMatcher(exact=spiffe_id))
+    common.alpn_protocols.extend(alpn)
+    context = tls_pb2.UpstreamTlsContext(common_tls_context=common)
     return base_pb2.TransportSocket(name=TLS_TRANSPORT_SOCKET, typed_config=rs.pack(context))
 
 

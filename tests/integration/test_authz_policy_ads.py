@@ -1,5 +1,9 @@
 """authz gets its policy over ADS: a real ``meshward authz --xds`` process against a
-real XdsService (and, for NACK and resume details, a scripted ADS server on real gRPC)."""
+real XdsService (and, for NACK and resume details, a scripted ADS server on real gRPC).
+
+authz also gets its SVID and the trust bundle over the same stream and serves only mTLS,
+so the tests call it through :class:`tests.mtls_harness.TlsRelay` with a client SVID of
+the mesh CA."""
 
 from __future__ import annotations
 
@@ -19,15 +23,20 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.discovery.v3 import discovery_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from meshward.pki import CertificateAuthority, CredentialStore
 from meshward.policy import wire
 from meshward.policy.model import Binding, Policy
 from tests import authz_helpers as testing
 from tests.envoy_harness import free_port, http_request
+from tests.mtls_harness import TlsRelay
 from xds_server import resources as rs
+from xds_server.credentials import CredentialSource
 from xds_server.service import XdsService
 from xds_server.translator import AUTHZ_GROUP, DEFAULT_AUTHZ_ENDPOINTS
 
@@ -38,6 +47,18 @@ T = TypeVar("T")
 
 GRPC_OK = 0
 GRPC_PERMISSION_DENIED = 7
+#: The trust domain of the test policies (the model's default).
+TRUST_DOMAIN = "meshward.local"
+CLIENT_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/edge"
+
+
+#: A channel of its own subchannels: never one in another channel's reconnect back-off.
+_LOCAL_POOL = [("grpc.use_local_subchannel_pool", 1)]
+
+
+@pytest.fixture
+def ca() -> CertificateAuthority:
+    return CertificateAuthority.generate(TRUST_DOMAIN)
 
 
 # ---- policies ------------------------------------------------------------------------
@@ -88,7 +109,7 @@ def orders_get(key: testing.SigningKey, subject: str, groups: tuple[str, ...] = 
 class AuthzProcess:
     """``python -m meshward authz --xds ...`` with its JSON log lines collected."""
 
-    def __init__(self, xds_port: int, node_id: str) -> None:
+    def __init__(self, xds_port: int, node_id: str, ca: CertificateAuthority) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.proc = subprocess.Popen(
             [
@@ -119,7 +140,9 @@ class AuthzProcess:
         started = self.wait_for_log("authz started")
         self.port = int(started["port"])
         self.status_port = int(started["status_port"])
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        client = ca.issue_svid(CLIENT_ID)
+        self.relay = TlsRelay(self.port, ca.bundle_pem, (client.chain_pem, client.key_pem))
+        self.channel = grpc.insecure_channel(self.relay.address, options=_LOCAL_POOL)
         self.stub = external_auth_pb2_grpc.AuthorizationStub(self.channel)
 
     def _pump(self) -> None:
@@ -166,8 +189,15 @@ class AuthzProcess:
         reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         return int(reply.status)
 
+    def reconnect(self) -> None:
+        """A new channel (the old one may be in grpcio's reconnect back-off)."""
+        self.channel.close()
+        self.channel = grpc.insecure_channel(self.relay.address, options=_LOCAL_POOL)
+        self.stub = external_auth_pb2_grpc.AuthorizationStub(self.channel)
+
     def close(self) -> None:
         self.channel.close()
+        self.relay.close()
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
@@ -193,11 +223,16 @@ class Loop:
 class Xds:
     """A real XdsService on ``port`` (0: a free one), run on :class:`Loop`."""
 
-    def __init__(self, loop: Loop, policy: Policy, port: int = 0) -> None:
+    def __init__(self, loop: Loop, policy: Policy, ca: CertificateAuthority, port: int = 0) -> None:
         self.loop = loop
 
         async def make() -> XdsService:
-            service = XdsService(policy, DEFAULT_AUTHZ_ENDPOINTS, listen=f"127.0.0.1:{port}")
+            service = XdsService(
+                policy,
+                DEFAULT_AUTHZ_ENDPOINTS,
+                listen=f"127.0.0.1:{port}",
+                credentials=CredentialSource(CredentialStore(ca)),
+            )
             await service.start()
             return service
 
@@ -252,12 +287,12 @@ def deny_reason(response: external_auth_pb2.CheckResponse) -> tuple[int, str]:
 
 
 def test_policy_updates_reach_authz_and_survive_an_xds_restart(
-    loop: Loop, key: testing.SigningKey
+    loop: Loop, key: testing.SigningKey, ca: CertificateAuthority
 ) -> None:
     a, b, c = policy_a(key), policy_b(key), policy_c(key)
     assert len({a.version, b.version, c.version}) == 3
-    xds = Xds(loop, a)
-    authz = AuthzProcess(xds.port, "authz-it-1")
+    xds = Xds(loop, a, ca)
+    authz = AuthzProcess(xds.port, "authz-it-1", ca)
     try:
         eventually(lambda: authz.healthz() == 200, 20, "/healthz 200 under A")
         alice = orders_get(key, "alice")
@@ -276,11 +311,12 @@ def test_policy_updates_reach_authz_and_survive_an_xds_restart(
         assert time.monotonic() - changed < 1.0
         assert deny_reason(authz.check(alice)) == (403, "forbidden")
 
-        # The xDS server saw the authz node ACK B's version.
+        # The xDS server saw the authz node ACK B's version (policy + credentials).
+        version_b = xds.service.version
         node = eventually(
             lambda: (
                 (n := xds.authz_node("authz-it-1"))
-                and n["types"]["policy"]["acked"] == b.version
+                and n["types"]["policy"]["acked"] == version_b
                 and n
             ),
             5,
@@ -288,14 +324,18 @@ def test_policy_updates_reach_authz_and_survive_an_xds_restart(
         )
         assert node["group"] == AUTHZ_GROUP
         assert node["types"]["policy"]["nack_error"] is None
-        assert xds.service.version == b.version  # default authz endpoints: same string
+        # Default authz endpoints: the policy version plus the credential generation.
+        assert version_b.startswith(b.version + "+")
+        assert node["types"]["sds"]["acked"] is not None
 
         status = authz.status()
         assert status["source"] == "xds"
         assert status["policy_version"] == b.version
         assert status["serving"] is True
         assert status["xds"]["connected"] is True
-        assert status["xds"]["version_info"] == b.version
+        assert status["xds"]["version_info"] == version_b
+        assert status["xds"]["spiffe_id"] == f"spiffe://{TRUST_DOMAIN}/ns/default/sa/meshward-authz"
+        assert status["transport"]["mtls"] is True
         assert status["xds"]["node_id"] == "authz-it-1"
         metrics = authz.metrics()
         assert f'meshward_authz_policy_info{{version="{b.version}"}} 1.0' in metrics
@@ -315,12 +355,12 @@ def test_policy_updates_reach_authz_and_survive_an_xds_restart(
         assert down["xds"]["connected"] is False and down["xds"]["last_error"]
 
         # Back on the same port with C: authz reconnects (back-off ≤ 5 s) and re-syncs.
-        xds = Xds(loop, c, port=xds.port)
+        xds = Xds(loop, c, ca, port=xds.port)
         eventually(lambda: authz.check(carol).status.code == GRPC_OK, 15, "carol allowed under C")
         node = eventually(
             lambda: (
                 (n := xds.authz_node("authz-it-1"))
-                and n["types"]["policy"]["acked"] == c.version
+                and n["types"]["policy"]["acked"] == xds.service.version
                 and n
             ),
             5,
@@ -336,30 +376,33 @@ def test_policy_updates_reach_authz_and_survive_an_xds_restart(
 
 
 def test_fails_closed_until_the_first_policy_then_connects_and_stops_cleanly(
-    loop: Loop, key: testing.SigningKey
+    loop: Loop, key: testing.SigningKey, ca: CertificateAuthority
 ) -> None:
     port = free_port()  # the xDS server is not up yet
-    authz = AuthzProcess(port, "authz-it-2")
+    authz = AuthzProcess(port, "authz-it-2", ca)
     xds: Xds | None = None
     try:
         alice = orders_get(key, "alice")
-        response = authz.check(alice)
-        assert response.status.code == GRPC_PERMISSION_DENIED
-        assert deny_reason(response) == (503, "no_policy")
+        # No SVID yet: no TLS handshake completes, so no Check (or health call) does.
+        with pytest.raises(grpc.RpcError) as caught:
+            authz.check(alice)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        with pytest.raises(grpc.RpcError):
+            authz.grpc_health()
         assert authz.healthz() == 503
-        assert authz.grpc_health() == health_pb2.HealthCheckResponse.NOT_SERVING
         status = authz.status()
         assert status["policy_version"] is None and status["serving"] is False
         assert status["source"] == "xds" and status["xds"]["connected"] is False
         eventually(lambda: authz.status()["xds"]["last_error"], 5, "a connect error in /status")
         assert "meshward_authz_xds_connected 0.0" in authz.metrics()
-        assert 'reason="no_policy"} 1.0' in authz.metrics()
+        assert status["transport"] == {"mtls": True, "spiffe_id": None, "serial": None}
 
         # Let the client fail a few times first, so it is in back-off when we start.
         time.sleep(1.0)
         a = policy_a(key)
-        xds = Xds(loop, a, port=port)
+        xds = Xds(loop, a, ca, port=port)
         eventually(lambda: authz.healthz() == 200, 15, "/healthz 200 once connected")
+        authz.reconnect()  # the handshakes before the SVID failed: skip grpcio's back-off
         assert authz.grpc_health() == health_pb2.HealthCheckResponse.SERVING
         assert authz.check(alice).status.code == GRPC_OK
         assert authz.status()["policy_version"] == a.version
@@ -462,6 +505,38 @@ class ScriptedAds:
         self.server.stop(0).wait(5)
 
 
+def secret_response(
+    bundle: bytes, svid: tuple[bytes, bytes] | None, version: str, nonce: str
+) -> discovery_pb2.DiscoveryResponse:
+    """An SDS response with ``trust-bundle`` and (unless ``None``) ``svid``."""
+    response = discovery_pb2.DiscoveryResponse(
+        version_info=version, type_url=rs.SECRET, nonce=nonce
+    )
+    if svid is not None:
+        response.resources.append(
+            rs.pack(
+                secret_pb2.Secret(
+                    name="svid",
+                    tls_certificate=common_pb2.TlsCertificate(
+                        certificate_chain=base_pb2.DataSource(inline_bytes=svid[0]),
+                        private_key=base_pb2.DataSource(inline_bytes=svid[1]),
+                    ),
+                )
+            )
+        )
+    response.resources.append(
+        rs.pack(
+            secret_pb2.Secret(
+                name="trust-bundle",
+                validation_context=common_pb2.CertificateValidationContext(
+                    trusted_ca=base_pb2.DataSource(inline_bytes=bundle)
+                ),
+            )
+        )
+    )
+    return response
+
+
 def policy_response(resource: Any, version: str, nonce: str) -> discovery_pb2.DiscoveryResponse:
     response = discovery_pb2.DiscoveryResponse(
         version_info=version, type_url=rs.POLICY, nonce=nonce
@@ -471,12 +546,12 @@ def policy_response(resource: Any, version: str, nonce: str) -> discovery_pb2.Di
 
 
 def test_bad_policy_is_nacked_and_the_stream_resumes_from_the_applied_version(
-    key: testing.SigningKey,
+    key: testing.SigningKey, ca: CertificateAuthority
 ) -> None:
     ads = ScriptedAds()
     authz: AuthzProcess | None = None
     try:
-        authz = AuthzProcess(ads.port, "authz-it-3")
+        authz = AuthzProcess(ads.port, "authz-it-3", ca)
         stream = ads.next_stream()
         first = stream.next_request()
         assert first.type_url == rs.POLICY
@@ -488,6 +563,25 @@ def test_bad_policy_is_nacked_and_the_stream_resumes_from_the_applied_version(
         assert first.node.id == "authz-it-3" and first.node.cluster == AUTHZ_GROUP
         listen = first.node.metadata.fields["meshward.authz.listen"].string_value
         assert listen == f"127.0.0.1:{authz.port}"
+        # Then the SVID and the trust bundle, by name, on the same stream.
+        secrets = stream.next_request()
+        assert secrets.type_url == rs.SECRET
+        assert list(secrets.resource_names) == ["svid", "trust-bundle"]
+        assert (secrets.version_info, secrets.response_nonce) == ("", "")
+
+        # Only the bundle: NACKed (no certificate to serve yet).
+        svid = ca.issue_svid(f"spiffe://{TRUST_DOMAIN}/ns/default/sa/meshward-authz")
+        stream.responses.put(secret_response(ca.bundle_pem, None, "s0", "sn0"))
+        nack = stream.next_request()
+        assert (nack.type_url, nack.version_info, nack.response_nonce) == (rs.SECRET, "", "sn0")
+        assert "missing secret(s) svid" in nack.error_detail.message
+        stream.responses.put(
+            secret_response(ca.bundle_pem, (svid.chain_pem, svid.key_pem), "s1", "sn1")
+        )
+        ack = stream.next_request()
+        assert (ack.type_url, ack.version_info, ack.response_nonce) == (rs.SECRET, "s1", "sn1")
+        assert not ack.HasField("error_detail")
+        assert authz.healthz() == 503  # a certificate but no policy yet: still fail closed
 
         a = policy_a(key)
         stream.responses.put(policy_response(wire.to_resource(a), "v1", "n1"))
@@ -495,6 +589,7 @@ def test_bad_policy_is_nacked_and_the_stream_resumes_from_the_applied_version(
         assert (ack.version_info, ack.response_nonce) == ("v1", "n1")
         assert not ack.HasField("error_detail")
         assert authz.check(orders_get(key, "alice")).status.code == GRPC_OK
+        assert authz.healthz() == 200
 
         # Content that does not hash to its version: NACK, A keeps serving.
         b = policy_b(key)
@@ -527,6 +622,9 @@ def test_bad_policy_is_nacked_and_the_stream_resumes_from_the_applied_version(
         resume = again.next_request()
         assert (resume.version_info, resume.response_nonce) == ("v1", "")
         assert resume.node.id == "authz-it-3" and resume.type_url == rs.POLICY
+        resume_secrets = again.next_request()
+        assert resume_secrets.type_url == rs.SECRET
+        assert (resume_secrets.version_info, resume_secrets.response_nonce) == ("s1", "")
         # Full state again at the same policy version: ACKed without a change.
         again.responses.put(policy_response(wire.to_resource(a), "v1", "n1"))
         ack = again.next_request()

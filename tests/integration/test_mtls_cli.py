@@ -27,6 +27,7 @@ from tests.mesh_harness import RecordingUpstream
 from tests.mtls_harness import (
     BackgroundLoop,
     RecordingAuthz,
+    authz_tls_from_ca,
     client_context,
     https_request,
     start_authz,
@@ -83,9 +84,12 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         sidecars=["orders-sidecar"],
     )
     loop = BackgroundLoop()
-    server, authz = loop.run(start_authz(mesh.authz_port))
+    mesh.start_xds()  # creates the CA in mesh.ca_dir
+    # Envoy → authz is mTLS: the stand-in serves an authz SVID of that CA.
+    ca = CertificateAuthority.load_or_create(mesh.ca_dir, "example.org")
+    tls = authz_tls_from_ca(ca, "spiffe://example.org/ns/shop/sa/meshward-authz")
+    server, authz = loop.run(start_authz(mesh.authz_port, tls))
     try:
-        mesh.start_xds()
         for group in ("edge", "orders-sidecar"):
             mesh.start_envoy(group)
         yield Cluster(mesh, authz, ports)

@@ -335,7 +335,8 @@ def test_sds_secrets_and_status(world: World) -> None:
     # <policy version>-<hash of the authz endpoints>+<credential generation>
     base, _, generation = version.partition("+")
     assert base.startswith(status["policy_version"] + "-") and generation == creds["generation"]
-    assert set(creds["svids"]) == {"edge", "edge13", "orders", "ghost"}
+    # Every gateway and authz hold an SVID too: the Envoy → authz hop is mTLS.
+    assert set(creds["svids"]) == {"edge", "edge13", "orders", "ghost", "meshward-authz"}
     assert creds["svids"]["orders"]["spiffe_id"] == spiffe("orders")
     assert set(creds["server_certs"]) == {"edge", "edge13"}
     assert "PRIVATE KEY" not in json.dumps(status)
@@ -410,8 +411,8 @@ def test_live_edit_moves_a_service_behind_its_sidecar_and_back(tmp_path: Path) -
         status, headers = via_edge()
         assert status == 200 and "x-forwarded-client-cert" not in headers
         edge_status = mesh.status()["nodes"][0]["types"]
-        assert "sds" in edge_status  # server-cert only
-        assert edge_status["sds"]["names"] == [SERVER_CERT_SECRET]
+        assert "sds" in edge_status  # server-cert, and the svid + bundle for authz
+        assert edge_status["sds"]["names"] == [SERVER_CERT_SECRET, "svid", "trust-bundle"]
 
         mesh.loop.run(mesh.xds.set_policy(policy(True)))
         mesh.start_envoy("orders-sidecar", "DELTA_GRPC")
@@ -435,13 +436,10 @@ def test_live_edit_moves_a_service_behind_its_sidecar_and_back(tmp_path: Path) -
         )
         status, headers = via_edge()
         assert status == 200 and "x-forwarded-client-cert" not in headers
-        # The gateway stops asking for the secrets its clusters no longer use.
-        assert wait_until(
-            lambda: (
-                {n["group"]: n for n in mesh.status()["nodes"]}["edge"]["types"]["sds"]["names"]
-                == [SERVER_CERT_SECRET]
-            ),
-            10,
+        # The gateway keeps its SVID and the bundle: its authz cluster is mTLS either way.
+        nodes = {n["group"]: n for n in mesh.status()["nodes"]}
+        assert sorted(nodes["edge"]["types"]["sds"]["names"]) == sorted(
+            [SERVER_CERT_SECRET, SVID_SECRET, TRUST_BUNDLE_SECRET]
         )
         assert all(n["error"] is None for n in mesh.status()["nodes"])
     except BaseException:

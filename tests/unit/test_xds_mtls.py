@@ -294,7 +294,8 @@ def test_cluster_to_a_service_without_sidecar_stays_plaintext() -> None:
         cluster = _cluster(group, "plain")
         assert not cluster.HasField("transport_socket")
         assert _endpoints(group, "plain") == [("127.0.0.1", 10102)]
-    assert not _cluster("edge", AUTHZ_CLUSTER).HasField("transport_socket")  # known gap
+    # Without an authz SVID in the credentials (no PKI for authz), authz stays plaintext.
+    assert not _cluster("edge", AUTHZ_CLUSTER).HasField("transport_socket")
 
 
 def test_gateway_groups_hold_exactly_the_secrets_they_reference() -> None:
@@ -485,10 +486,20 @@ def test_service_versions_status_and_rotation_of_secrets_only() -> None:
     generation = status["credentials"]["generation"]
     assert service.version == f"{policy.version}+{generation}"
     assert status["policy_version"] == policy.version
-    assert set(status["credentials"]["svids"]) == {"edge", "edge13", "inner", "orders"}
+    # Every gateway (client of authz) and authz itself have an SVID: Envoy → authz is mTLS.
+    assert set(status["credentials"]["svids"]) == {
+        "edge",
+        "edge13",
+        "inner",
+        "lobby",
+        "orders",
+        AUTHZ_GROUP,
+    }
     assert status["credentials"]["svids"]["orders"]["spiffe_id"] == spiffe("orders")
+    assert status["credentials"]["svids"][AUTHZ_GROUP]["spiffe_id"] == spiffe(AUTHZ_GROUP)
     assert "KEY" not in repr(status)  # serials and dates, never key material
-    before = {g: service.cache.get_snapshot(g) for g in ("edge", "orders-sidecar", "lobby")}
+    groups = ("edge", "orders-sidecar", "lobby", AUTHZ_GROUP)
+    before = {g: service.cache.get_snapshot(g) for g in groups}
     sidecar_secret = before["orders-sidecar"].resources(rs.SECRET)[SVID_SECRET]  # type: ignore[union-attr]
 
     # Not due yet: nothing happens.
@@ -505,10 +516,9 @@ def test_service_versions_status_and_rotation_of_secrets_only() -> None:
     for group, old in before.items():
         new = service.cache.get_snapshot(group)
         assert new is not None and old is not None and new.version == service.version
-        for type_url in (rs.CLUSTER, rs.ENDPOINT, rs.LISTENER, rs.ROUTE):
+        for type_url in (rs.CLUSTER, rs.ENDPOINT, rs.LISTENER, rs.ROUTE, rs.POLICY):
             assert new.digest(type_url) == old.digest(type_url), (group, type_url)
-        if group != "lobby":
-            assert new.digest(rs.SECRET) != old.digest(rs.SECRET)
+        assert new.digest(rs.SECRET) != old.digest(rs.SECRET), group
     new_secret = service.cache.get_snapshot("orders-sidecar").resources(rs.SECRET)[SVID_SECRET]  # type: ignore[union-attr]
     assert new_secret != sidecar_secret
     assert service.registry.get_sample_value("meshward_xds_credential_rotations_total") == 1
@@ -543,10 +553,12 @@ def test_credentials_a_policy_drops_are_forgotten() -> None:
     service = XdsService(_policy(), AUTHZ, credentials=source)
     first = service.status()["credentials"]
     assert "orders" in first["svids"]
-    # No more sidecar: orders' and the gateways' SVIDs go; server certs stay.
+    # No more sidecar: orders' SVID goes; the gateways' and authz's stay (Envoy → authz
+    # is mTLS), and so do the server certs.
     asyncio.run(service.set_policy(_policy(orders_sidecar=False)))
     second = service.status()["credentials"]
-    assert second["svids"] == {}
+    assert set(second["svids"]) == {"edge", "edge13", "inner", "lobby", AUTHZ_GROUP}
+    assert second["svids"]["edge"]["serial"] == first["svids"]["edge"]["serial"]
     assert set(second["server_certs"]) == {"edge", "edge13"}
     assert second["server_certs"]["edge"]["serial"] == first["server_certs"]["edge"]["serial"]
     assert second["generation"] != first["generation"]
@@ -640,3 +652,72 @@ def test_a_refused_policy_that_renewed_a_served_credential_triggers_a_rebuild() 
     assert service.version != version
     assert service.status()["credentials"]["svids"]["orders"]["serial"] != served
     assert asyncio.run(service.rotate_credentials()) is False
+
+
+# ---- Envoy → authz over mTLS ----------------------------------------------------------
+
+
+def _authz_credentials(policy: Policy) -> Credentials:
+    needs = credential_needs(policy, authz_mtls=True)
+    return Credentials(
+        bundle_pem=b"BUNDLE",
+        svids={w: FakeCert(f"CHAIN {w}".encode(), f"KEY {w}".encode()) for w in needs.svids},
+        server_certs={g: FakeCert(b"S", b"SK") for g in needs.server_certs},
+        generation="g",
+    )
+
+
+def test_credential_needs_with_authz_mtls_cover_every_gateway_and_authz() -> None:
+    needs = credential_needs(_policy(orders_sidecar=False), authz_mtls=True)
+    assert set(needs.svids) == {"edge", "edge13", "inner", "lobby", AUTHZ_GROUP}
+    assert AUTHZ_GROUP not in credential_needs(_policy()).svids
+
+
+def test_authz_cluster_is_mtls_to_the_authz_spiffe_id_in_every_group() -> None:
+    policy = _policy()
+    groups = translate(policy, AUTHZ, credentials=_authz_credentials(policy))
+    for group in ("edge", "edge13", "inner", "lobby", "orders-sidecar"):
+        cluster = _by_name(groups[group][rs.CLUSTER])[AUTHZ_CLUSTER]
+        assert isinstance(cluster, cluster_pb2.Cluster)
+        assert cluster.transport_socket.name == "envoy.transport_sockets.tls"
+        context = _unpack(cluster.transport_socket.typed_config, tls_pb2.UpstreamTlsContext())
+        common = context.common_tls_context  # type: ignore[attr-defined]
+        _assert_sds(common.tls_certificate_sds_secret_configs[0], SVID_SECRET)
+        combined = common.combined_validation_context
+        _assert_sds(combined.validation_context_sds_secret_config, TRUST_BUNDLE_SECRET)
+        [san] = combined.default_validation_context.match_typed_subject_alt_names
+        assert san.san_type == common_pb2.SubjectAltNameMatcher.URI
+        assert san.matcher.exact == spiffe(AUTHZ_GROUP)
+        assert list(common.alpn_protocols) == ["h2"]
+        assert common.tls_params.tls_minimum_protocol_version == TLS.TLSv1_3
+        # Every group then holds its own SVID and the bundle (lobby routes to no sidecar).
+        secrets = _by_name(groups[group][rs.SECRET])
+        assert {SVID_SECRET, TRUST_BUNDLE_SECRET} <= set(secrets)
+    lobby_svid = _by_name(groups["lobby"][rs.SECRET])[SVID_SECRET]
+    assert lobby_svid.tls_certificate.certificate_chain.inline_bytes == b"CHAIN lobby"  # type: ignore[attr-defined]
+    # authz's group: the policy plus authz's own SVID and the bundle.
+    authz = groups[AUTHZ_GROUP]
+    assert len(authz[rs.POLICY]) == 1
+    secrets = _by_name(authz[rs.SECRET])
+    assert set(secrets) == {SVID_SECRET, TRUST_BUNDLE_SECRET}
+    chain = secrets[SVID_SECRET].tls_certificate.certificate_chain.inline_bytes  # type: ignore[attr-defined]
+    assert chain == f"CHAIN {AUTHZ_GROUP}".encode()
+    assert secrets[TRUST_BUNDLE_SECRET].validation_context.trusted_ca.inline_bytes == b"BUNDLE"  # type: ignore[attr-defined]
+
+
+def test_without_an_authz_svid_the_authz_cluster_stays_plaintext() -> None:
+    groups = _groups()
+    for group in ("edge", "orders-sidecar"):
+        cluster = _by_name(groups[group][rs.CLUSTER])[AUTHZ_CLUSTER]
+        assert not cluster.HasField("transport_socket")  # type: ignore[attr-defined]
+    assert rs.SECRET not in groups[AUTHZ_GROUP]
+
+
+def test_a_service_named_like_authz_is_refused_when_authz_has_an_svid() -> None:
+    policy = Policy.build(
+        mesh=Mesh(trust_domain=TD, namespace="shop"),
+        services=(Service(AUTHZ_GROUP, (Endpoint("127.0.0.1", 1),)),),
+        gateways=(Gateway("g", 3, (Route("r", RouteMatch(prefix="/"), AUTHZ_GROUP),)),),
+    )
+    with pytest.raises(ValueError, match="reserved for authz"):
+        translate(policy, AUTHZ, credentials=_authz_credentials(policy))

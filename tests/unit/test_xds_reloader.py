@@ -29,7 +29,7 @@ def _edit(directory: Path, text: str) -> None:
     )
 
 
-async def _wait_for(predicate: object, timeout: float = 5.0) -> bool:
+async def _wait_for(predicate: object, timeout: float = 10.0) -> bool:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
@@ -46,7 +46,7 @@ def test_watcher_applies_valid_edits_and_rejects_bad_ones(tmp_path: Path) -> Non
 
     async def scenario() -> None:
         rec = Recorder()
-        reloader = PolicyReloader(directory, rec, initial, registry, debounce_ms=50)
+        reloader = PolicyReloader(directory, rec, initial, registry, debounce_ms=150)
         stop = asyncio.Event()
         watcher = asyncio.create_task(reloader.watch(stop))
         await asyncio.sleep(0.3)  # the watcher is armed
