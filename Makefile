@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit integration check-policy install-check bench clean
+.PHONY: install run test lint typecheck unit integration check-policy policy-tests install-check bench clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	scripts/install.sh $(VENV) -e '.[dev]'
@@ -15,7 +15,7 @@ run: install
 	$(VENV)/bin/meshward up
 
 # In CI the fresh-install proof runs too (it builds a second venv; ~1 min).
-test: install lint typecheck check-policy unit integration $(if $(CI),install-check)
+test: install lint typecheck check-policy policy-tests unit integration $(if $(CI),install-check)
 	@echo "make test: all passed"
 
 lint: install
@@ -28,6 +28,9 @@ typecheck: install
 check-policy: install
 	$(VENV)/bin/meshward token --init
 	$(VENV)/bin/meshward check policies
+
+policy-tests: check-policy
+	$(VENV)/bin/meshward test policies/tests
 
 unit: install
 	$(PY) -m pytest tests/unit -q

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from authz.authorization.rbac import RbacIndex
+from authz.identity.api_key import ApiKeyMethod
 from authz.identity.base import IdentityMethod
 from authz.identity.jwt import JwtMethod
 from authz.identity.mtls import MtlsMethod
@@ -33,6 +34,9 @@ class CompiledPolicy:
 def compile_policy(policy: Policy) -> CompiledPolicy:
     """Compile ``policy``. New identity methods are added to a tuple here."""
     user_methods: list[IdentityMethod] = []
+    if policy.api_keys:
+        # First: it also rejects a request carrying both an API key and a bearer token.
+        user_methods.append(ApiKeyMethod(policy.api_keys))
     if policy.issuers:
         user_methods.append(JwtMethod(policy.issuers))
     return CompiledPolicy(

@@ -9,7 +9,9 @@ first, then RBAC sees whichever are present. Order (the first that applies decid
 2. a user credential that is present but not acceptable → 401 with its reason
    (``invalid_token``, ``token_expired``, ``unknown_issuer``, ``bad_audience``, … see
    :mod:`authz.reasons`) and an RFC 6750 ``error="invalid_token"`` challenge — even
-   when the peer is also untrusted (a bad token is reported as such);
+   when the peer is also untrusted (a bad token is reported as such). An unknown API
+   key is ``invalid_api_key`` with an ``ApiKey realm="meshward"`` challenge; an API
+   key together with a bearer token is ``ambiguous_credentials``;
 3. a peer principal that is not a well-formed SPIFFE ID of the policy's trust domain
    → 403 ``untrusted_workload`` (an empty principal is no workload identity, not an
    error);
@@ -22,7 +24,8 @@ first, then RBAC sees whichever are present. Order (the first that applies decid
 6. no matching rule with a valid user credential → 403 ``forbidden`` (default deny).
 
 ``auth_method`` names the methods whose credentials were presented (valid or not):
-``jwt``, ``mtls``, ``mtls+jwt``, or ``none``; empty when identity was not looked at.
+``jwt``, ``api_key``, ``mtls``, ``mtls+jwt``, ``mtls+api_key``, or ``none``; empty
+when identity was not looked at.
 ``workload`` is the peer's SPIFFE ID (on ``untrusted_workload``: the rejected
 principal, for the span and decision log only).
 
@@ -43,6 +46,8 @@ from authz.request import AuthzRequest
 
 #: The ``realm`` of every ``WWW-Authenticate`` challenge.
 REALM = "meshward"
+#: The challenge for an unknown API key.
+API_KEY_CHALLENGE = f'ApiKey realm="{REALM}"'
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +60,8 @@ class Decision:
     decision_id: str
     #: The user's subject if any, else the workload's SPIFFE ID (see module docstring).
     subject: str = ""
-    #: ``jwt``, ``mtls``, ``mtls+jwt`` or ``none`` (empty: identity not looked at).
+    #: ``jwt``, ``api_key``, ``mtls``, ``mtls+jwt``, ``mtls+api_key`` or ``none`` (empty:
+    #: identity not looked at).
     auth_method: str = ""
     #: The mTLS peer's SPIFFE ID, empty without one.
     workload: str = ""
@@ -129,7 +135,7 @@ def decide(
                 subject=workload.subject if workload is not None else "",
                 auth_method=_auth_method(workload_method, method.name),
                 workload=peer,
-                www_authenticate=bearer_challenge(error.description),
+                www_authenticate=_challenge(method.name, error),
                 **common,
             )
         if user is not None:
@@ -199,6 +205,15 @@ def failure_decision(reason: str, policy_version: str, http_status: int = 403) -
         decision_id=new_decision_id(),
         policy_version=policy_version,
     )
+
+
+def _challenge(method: str, error: AuthenticationError) -> str:
+    """The ``WWW-Authenticate`` value for a rejected user credential."""
+    if error.reason == reasons.AMBIGUOUS_CREDENTIALS:
+        return f'Bearer realm="{REALM}", {API_KEY_CHALLENGE}'
+    if method == "api_key":
+        return API_KEY_CHALLENGE
+    return bearer_challenge(error.description)
 
 
 def bearer_challenge(description: str | None) -> str:

@@ -30,6 +30,10 @@ UNSUPPORTED_ALGORITHM = "unsupported_algorithm"
 UNKNOWN_KEY = "unknown_key"
 #: The signature does not verify with the issuer's key.
 BAD_SIGNATURE = "bad_signature"
+#: An API key (``x-api-key`` / ``Authorization: ApiKey``) that the policy does not know.
+INVALID_API_KEY = "invalid_api_key"
+#: Both a bearer token and an API key: authz will not choose between two identities.
+AMBIGUOUS_CREDENTIALS = "ambiguous_credentials"
 #: A valid identity without a permission for this method, path and service.
 FORBIDDEN = "forbidden"
 #: The mTLS peer's principal is not a well-formed SPIFFE ID of the policy's trust
@@ -68,6 +72,8 @@ ALL = frozenset(
         MALFORMED_REQUEST,
         INTERNAL_ERROR,
         NO_POLICY,
+        INVALID_API_KEY,
+        AMBIGUOUS_CREDENTIALS,
     }
     | INVALID_CREDENTIAL
 )

@@ -8,6 +8,8 @@
   never passed along (the default append action would *append*, letting a client
   smuggle an identity). Without a workload identity a client-supplied
   ``x-meshward-workload`` is removed (``headers_to_remove``) for the same reason.
+  API keys are meshward's credential, not the upstream's: ``x-api-key`` is always
+  removed, and so is ``Authorization`` when it carried the API key.
 - Deny: ``status.code = UNAUTHENTICATED`` (16) for 401s, ``PERMISSION_DENIED`` (7)
   otherwise, and ``denied_response`` with the HTTP status, ``content-type:
   application/json``, the body ``{"decision":"deny","reason":…,"decision_id":…}``
@@ -35,7 +37,7 @@ GRPC_PERMISSION_DENIED = 7
 GRPC_UNAUTHENTICATED = 16
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_REMOVE_WORKLOAD = (WORKLOAD_HEADER,)
+API_KEY_HEADER = "x-api-key"
 
 
 def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
@@ -59,13 +61,14 @@ def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
             _header(SUBJECT_HEADER, decision.subject),
             _header(DECISION_ID_HEADER, decision.decision_id),
         ]
+        remove = [API_KEY_HEADER]
         if decision.workload:
             headers.append(_header(WORKLOAD_HEADER, decision.workload))
-            ok = external_auth_pb2.OkHttpResponse(headers=headers)
         else:
-            ok = external_auth_pb2.OkHttpResponse(
-                headers=headers, headers_to_remove=_REMOVE_WORKLOAD
-            )
+            remove.append(WORKLOAD_HEADER)
+        if "api_key" in decision.auth_method:
+            remove.append("authorization")
+        ok = external_auth_pb2.OkHttpResponse(headers=headers, headers_to_remove=remove)
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=GRPC_OK), ok_response=ok
         )

@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.register(sub)
     status_cmd.register(sub)
 
+    from meshward import explain, policy_tests
+
+    explain.register(sub)
+    policy_tests.register(sub)
+
     # The two services register their own subcommands.
     from authz import cli as authz_cli
     from xds_server import cli as xds_cli

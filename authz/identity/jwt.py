@@ -2,19 +2,28 @@
 
 ``Authorization: Bearer <JWS compact>``. The steps, in order, and why:
 
+0. A token longer than :data:`MAX_TOKEN_LENGTH` is rejected before any parsing.
 1. Peek at the *unverified* header and payload only to choose the issuer (``iss``) and
    the key (``kid``). Nothing peeked is trusted: claims are read again from the
    payload that the signature covered.
-2. Unknown ``iss`` → ``unknown_issuer``. ``alg`` must be one the issuer allows;
-   ``none`` and HMAC algorithms are never allowed (only RSA and EC public keys are
-   imported, so a public key can never double as an HMAC secret).
-3. ``kid`` must name a key of the issuer's JWKS whose type (and curve) fits ``alg``
+2. Header parameters that would bring keys or semantics from elsewhere are refused
+   outright: ``crit`` (no extension is understood), ``jku``/``x5u``/``jwk``/``x5c``
+   (keys come only from the policy's JWKS), ``b64`` (RFC 7797 unencoded payloads) and
+   ``cty: JWT`` (nested tokens are never unwrapped).
+3. Unknown ``iss`` → ``unknown_issuer``. ``alg`` must be one the issuer allows;
+   ``none`` and HMAC algorithms are never allowed, even if listed (only RSA, EC and
+   Ed25519 public keys are imported, so a public key can never double as an HMAC
+   secret).
+4. ``kid`` must name a key of the issuer's JWKS whose type (and curve) fits ``alg``
    and whose ``use``/``alg`` parameters, when present, allow it; without ``kid``
    every fitting key is tried, as Envoy's jwt_authn does.
-4. Signature (joserfc), then ``iss``, ``exp`` (required), ``nbf``, ``aud`` (must
-   intersect the issuer's audiences), with ``leeway`` seconds of clock skew.
-5. Subject from ``subject_claim`` (non-empty string), groups from ``groups_claim``
-   (absent, or a list of strings).
+5. Signature (joserfc), then ``iss``, ``exp`` (required), ``nbf`` and ``iat`` (when
+   present, not in the future), ``aud`` (must intersect the issuer's audiences), with
+   the issuer's ``clock_skew_seconds`` of clock skew.
+6. Subject from ``subject_claim`` (non-empty printable string), groups from
+   ``groups_claim`` (a list of strings, or one string → one group; anything else →
+   no groups). Both may be dotted paths into nested claims (``realm_access.roles``);
+   a claim whose name itself contains the dots wins over the path.
 
 Verified tokens are cached by their exact string until ``exp``, so a repeat costs a
 dict lookup instead of a signature check (RS256 ~30 µs, ES256 ~85 µs). The cache
@@ -29,12 +38,13 @@ import json
 import logging
 import math
 import threading
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from joserfc import jws
-from joserfc.errors import BadSignatureError, JoseError
+from joserfc.errors import BadSignatureError, JoseError, SecurityWarning
 from joserfc.jwk import import_key
 from joserfc.jws import JWSRegistry
 
@@ -44,6 +54,10 @@ from authz.request import AuthzRequest
 from meshward.policy.model import Issuer
 
 _log = logging.getLogger("meshward.authz.jwt")
+
+# joserfc warns on every EdDSA use (RFC 9864 prefers the name "Ed25519"); EdDSA with
+# Ed25519 keys is what issuers publish today and what the policy allows by name.
+warnings.filterwarnings("ignore", message="EdDSA is deprecated", category=SecurityWarning)
 
 #: JWS algorithm → (JWK ``kty``, ``crv`` or None). Only asymmetric algorithms exist
 #: here, so ``none`` and ``HS*`` have no key and can never verify.
@@ -57,9 +71,19 @@ _KEY_TYPES: dict[str, tuple[str, str | None]] = {
     "ES256": ("EC", "P-256"),
     "ES384": ("EC", "P-384"),
     "ES512": ("EC", "P-521"),
+    "EdDSA": ("OKP", "Ed25519"),
 }
 
-#: Longer tokens are rejected before any parsing (and never fill the cache).
+#: Never accepted, whatever an issuer lists (belt and braces: they have no key type).
+_NEVER_ALGORITHMS = frozenset({"none", "HS256", "HS384", "HS512"})
+
+#: Header parameters that make a token unacceptable: keys or certificates named by the
+#: token itself (keys come only from the policy's JWKS), critical extensions (none is
+#: understood) and RFC 7797 unencoded payloads.
+_FORBIDDEN_HEADERS = frozenset({"crit", "jku", "x5u", "jwk", "x5c", "b64"})
+
+#: Tokens longer than this (8 KiB) are rejected before any parsing (and never fill the
+#: cache).
 MAX_TOKEN_LENGTH = 8192
 
 
@@ -70,6 +94,8 @@ class _IssuerKeys:
     issuer: Issuer
     audiences: frozenset[str]
     algorithms: frozenset[str]
+    #: Seconds of clock skew for ``exp``/``nbf``/``iat``.
+    leeway: float
     #: alg → kid → keys (normally one key per kid).
     by_kid: dict[str, dict[str, tuple[Any, ...]]]
     #: alg → every key fitting it (tried in turn for tokens without ``kid``).
@@ -83,10 +109,10 @@ class JwtMethod:
     name = "jwt"
 
     def __init__(
-        self, issuers: Iterable[Issuer], *, leeway: float = 30.0, cache_size: int = 4096
+        self, issuers: Iterable[Issuer], *, leeway: float | None = None, cache_size: int = 4096
     ) -> None:
-        self._issuers = {i.issuer: _compile_issuer(i) for i in issuers}
-        self._leeway = leeway
+        """``leeway``, when given, overrides every issuer's ``clock_skew_seconds``."""
+        self._issuers = {i.issuer: _compile_issuer(i, leeway) for i in issuers}
         self._cache = _TokenCache(cache_size)
 
     def authenticate(self, request: AuthzRequest, now: float) -> Identity | None:
@@ -99,6 +125,8 @@ class JwtMethod:
         token = token.strip()
         if not token:
             raise AuthenticationError(reasons.INVALID_TOKEN, "empty bearer token")
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise AuthenticationError(reasons.INVALID_TOKEN, "token too long")
         identity = self._cache.get(token, now)
         if identity is not None:
             return identity
@@ -117,6 +145,13 @@ class JwtMethod:
         peeked = _b64_json(parts[1])
         if header is None or peeked is None:
             raise AuthenticationError(reasons.INVALID_TOKEN, "malformed token")
+        if not _FORBIDDEN_HEADERS.isdisjoint(header):
+            raise AuthenticationError(reasons.INVALID_TOKEN, "token header not accepted")
+        cty = header.get("cty")
+        if cty is not None and (
+            not isinstance(cty, str) or cty.lower() in ("jwt", "application/jwt")
+        ):
+            raise AuthenticationError(reasons.INVALID_TOKEN, "nested tokens not accepted")
 
         iss = peeked.get("iss")
         compiled = self._issuers.get(iss) if isinstance(iss, str) else None
@@ -124,7 +159,7 @@ class JwtMethod:
             raise AuthenticationError(reasons.UNKNOWN_ISSUER, "unknown issuer")
 
         alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in compiled.algorithms:
+        if not isinstance(alg, str) or alg in _NEVER_ALGORITHMS or alg not in compiled.algorithms:
             raise AuthenticationError(reasons.UNSUPPORTED_ALGORITHM, "algorithm not allowed")
 
         kid = header.get("kid")
@@ -138,11 +173,13 @@ class JwtMethod:
             raise AuthenticationError(reasons.UNKNOWN_KEY, "unknown signing key")
 
         payload = _verified_payload(token, keys, compiled.registry)
-        return _identity(payload, compiled, now, self._leeway)
+        return _identity(payload, compiled, now)
 
 
-def _compile_issuer(issuer: Issuer) -> _IssuerKeys:
-    algorithms = frozenset(a for a in issuer.algorithms if a in _KEY_TYPES)
+def _compile_issuer(issuer: Issuer, leeway: float | None = None) -> _IssuerKeys:
+    algorithms = frozenset(
+        a for a in issuer.algorithms if a in _KEY_TYPES and a not in _NEVER_ALGORITHMS
+    )
     by_kid: dict[str, dict[str, tuple[Any, ...]]] = {a: {} for a in algorithms}
     by_alg: dict[str, tuple[Any, ...]] = {a: () for a in algorithms}
     entries = issuer.jwks.get("keys", []) if isinstance(issuer.jwks, dict) else []
@@ -176,6 +213,7 @@ def _compile_issuer(issuer: Issuer) -> _IssuerKeys:
         issuer=issuer,
         audiences=frozenset(issuer.audiences),
         algorithms=algorithms,
+        leeway=float(issuer.clock_skew_seconds if leeway is None else leeway),
         by_kid=by_kid,
         by_alg=by_alg,
         registry=JWSRegistry(algorithms=sorted(algorithms), strict_check_header=False),
@@ -187,7 +225,7 @@ def _b64_json(segment: str) -> dict[str, Any] | None:
     try:
         raw = base64.urlsafe_b64decode(segment.encode("ascii") + b"=" * (-len(segment) % 4))
         value = json.loads(raw)
-    except ValueError:  # binascii.Error, UnicodeError and JSONDecodeError are ValueErrors
+    except (ValueError, RecursionError):  # binascii, Unicode and JSON errors are ValueErrors
         return None
     return value if isinstance(value, dict) else None
 
@@ -214,16 +252,43 @@ def _verified_payload(token: str, keys: tuple[Any, ...], registry: JWSRegistry) 
 def _number(value: Any) -> float | None:
     """A finite JSON number (json.loads accepts NaN and Infinity, which compare oddly)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float
+            return None
         if math.isfinite(number):
             return number
     return None
 
 
-def _identity(
-    claims: dict[str, Any], compiled: _IssuerKeys, now: float, leeway: float
-) -> tuple[Identity, float]:
+def _claim(claims: dict[str, Any], path: str) -> Any:
+    """The claim named ``path``, or reached by its dotted path (``realm_access.roles``).
+
+    A claim literally named ``path`` (``https://example.com/groups``) wins. None when
+    absent or when the path crosses something that is not an object.
+    """
+    if path in claims:
+        return claims[path]
+    value: Any = claims
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _groups(value: Any) -> tuple[str, ...]:
+    """A list of strings, or one string (one group); anything else is no groups."""
+    if isinstance(value, str):
+        return (value,) if value else ()
+    if isinstance(value, list) and all(isinstance(g, str) for g in value):
+        return tuple(value)
+    return ()
+
+
+def _identity(claims: dict[str, Any], compiled: _IssuerKeys, now: float) -> tuple[Identity, float]:
     issuer = compiled.issuer
+    leeway = compiled.leeway
     if claims.get("iss") != issuer.issuer:
         raise AuthenticationError(reasons.UNKNOWN_ISSUER, "unknown issuer")
 
@@ -238,22 +303,24 @@ def _identity(
             raise AuthenticationError(reasons.INVALID_TOKEN, "token has an invalid nbf claim")
         if nbf > now + leeway:
             raise AuthenticationError(reasons.TOKEN_NOT_YET_VALID, "token not yet valid")
+    if "iat" in claims:
+        iat = _number(claims["iat"])
+        if iat is None:
+            raise AuthenticationError(reasons.INVALID_TOKEN, "token has an invalid iat claim")
+        if iat > now + leeway:
+            raise AuthenticationError(reasons.TOKEN_NOT_YET_VALID, "token issued in the future")
 
     aud = claims.get("aud")
     audiences = (aud,) if isinstance(aud, str) else aud if isinstance(aud, list) else ()
     if not any(isinstance(a, str) and a in compiled.audiences for a in audiences):
         raise AuthenticationError(reasons.BAD_AUDIENCE, "token audience not accepted")
 
-    subject = claims.get(issuer.subject_claim)
+    subject = _claim(claims, issuer.subject_claim)
     if not isinstance(subject, str) or not subject or not subject.isprintable():
         # isprintable(): the subject goes upstream in a header, so no CR/LF or controls
         raise AuthenticationError(reasons.INVALID_TOKEN, "token has no valid subject")
-    groups = claims.get(issuer.groups_claim)
-    if groups is None:
-        groups = []
-    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
-        raise AuthenticationError(reasons.INVALID_TOKEN, "token groups claim is not a list")
-    return Identity(subject, tuple(groups), JwtMethod.name, issuer.issuer), exp
+    groups = _groups(_claim(claims, issuer.groups_claim))
+    return Identity(subject, groups, JwtMethod.name, issuer.issuer), exp
 
 
 class _TokenCache:

@@ -34,6 +34,7 @@ from meshward.policy.model import (
     HTTP_METHODS,
     JWT_ALGORITHMS,
     TLS_VERSIONS,
+    ApiKey,
     Binding,
     Endpoint,
     Gateway,
@@ -61,7 +62,18 @@ _HOST_PATTERN_RE = re.compile(r"^(\*\.)?[a-zA-Z0-9.-]+$|^\*$")
 #: Gateway names are Envoy node groups; this prefix is kept for meshward's own groups
 #: (``meshward-authz``: authz replicas fetching the policy over ADS).
 RESERVED_GROUP_PREFIX = "meshward-"
-_TOP_LEVEL = ("mesh", "services", "gateways", "issuers", "roles", "bindings", "default")
+_TOP_LEVEL = (
+    "mesh",
+    "services",
+    "gateways",
+    "issuers",
+    "roles",
+    "bindings",
+    "api_keys",
+    "api_keys_file",
+    "default",
+)
+_SHA256_HEX_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,253}[a-z0-9])?$")
 _SPIFFE_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -126,6 +138,7 @@ class _Reader:
     issuers: list[_Named] = field(default_factory=list)
     roles: list[_Named] = field(default_factory=list)
     bindings: list[_Named] = field(default_factory=list)
+    api_keys: list[_Named] = field(default_factory=list)
     default: tuple[str, Source] | None = None
     mesh: tuple[Mesh, Source] | None = None
     # References to check once every file is read: (kind, name, source, what).
@@ -177,6 +190,8 @@ class _Reader:
             "issuers": lambda n: self.section(n, "issuers", self.read_issuer, self.issuers),
             "roles": lambda n: self.section(n, "roles", self.read_role, self.roles),
             "bindings": lambda n: self.section(n, "bindings", self.read_binding, self.bindings),
+            "api_keys": lambda n: self.section(n, "api_keys", self.read_api_key, self.api_keys),
+            "api_keys_file": self.read_api_keys_file,
             "default": self.read_default,
             "mesh": self.read_mesh,
         }
@@ -500,6 +515,7 @@ class _Reader:
                 "algorithms",
                 "subject_claim",
                 "groups_claim",
+                "clock_skew_seconds",
             ),
             required=("name", "issuer", "audiences", "jwks_file"),
         )
@@ -533,6 +549,11 @@ class _Reader:
         for key in ("subject_claim", "groups_claim"):
             if key in fields:
                 claims[key] = self.string(fields[key][1], f"{what}.{key}")
+        clock_skew: int | None = 30
+        if "clock_skew_seconds" in fields:
+            clock_skew = self.integer(
+                fields["clock_skew_seconds"][1], f"{what}.clock_skew_seconds", 0, 300
+            )
         jwks: dict[str, Any] | None = None
         jwks_file = ""
         if "jwks_file" in fields:
@@ -548,6 +569,7 @@ class _Reader:
             or jwks is None
             or not audiences
             or None in claims.values()
+            or clock_skew is None
         ):
             return None
         return _Named(
@@ -560,6 +582,7 @@ class _Reader:
                 algorithms=algorithms,
                 subject_claim=claims.get("subject_claim") or "sub",
                 groups_claim=claims.get("groups_claim") or "groups",
+                clock_skew_seconds=clock_skew,
                 source=self.src(node),
             ),
             self.src(node),
@@ -609,10 +632,90 @@ class _Reader:
             self.error(
                 node,
                 f"{what}: {path} is not a usable JWKS ({exc}); each key needs "
-                "'kty' (RSA or EC), its public parameters and a 'kid'",
+                "'kty' (RSA, EC or OKP), its public parameters and a 'kid'",
             )
             return None
         return dict(data)
+
+    # ---- api_keys ------------------------------------------------------------------
+    def read_api_key(self, node: Node, what: str) -> _Named | None:
+        """One ``{name, key_sha256, subject, groups?}`` entry (a hash, never a key)."""
+        fields = self.mapping(
+            node,
+            what,
+            allowed=("name", "key_sha256", "subject", "groups"),
+            required=("name", "key_sha256", "subject"),
+        )
+        if fields is None:
+            return None
+        name = self.name(fields, what)
+        digest = None
+        if "key_sha256" in fields:
+            hash_node = fields["key_sha256"][1]
+            # An all-digit hash is a YAML integer: read the scalar's text as written.
+            if isinstance(hash_node, ScalarNode) and hash_node.tag == _INT:
+                value: str | None = str(hash_node.value)
+            else:
+                value = self.string(hash_node, f"{what}.key_sha256")
+            if value is not None and not _SHA256_HEX_RE.match(value):
+                # Never echo the value: it may be a key pasted by mistake.
+                self.error(
+                    hash_node,
+                    f"{what}.key_sha256: not a SHA-256 hash (64 hex digits); store the "
+                    "key's hash, never the key itself: compute it with "
+                    "`printf %s KEY | sha256sum`",
+                )
+            elif value is not None:
+                digest = value.lower()
+        subject = None
+        if "subject" in fields:
+            subject = self.string(fields["subject"][1], f"{what}.subject")
+            if subject is not None and not subject.isprintable():
+                self.error(fields["subject"][1], f"{what}.subject: must be printable text")
+                subject = None
+        groups: tuple[str, ...] = ()
+        if "groups" in fields:
+            groups = tuple(g for g, _ in self.strings(fields["groups"][1], f"{what}.groups"))
+        if name is None or digest is None or subject is None:
+            return None
+        source = self.src(node)
+        return _Named(ApiKey(name, digest, subject, groups, source=source), source)
+
+    def read_api_keys_file(self, node: Node) -> None:
+        """``api_keys_file: path``: the ``api_keys`` list in a YAML/JSON file of its own
+        (relative to this policy file), e.g. a mounted secret."""
+        rel = self.string(node, "api_keys_file")
+        if rel is None:
+            return
+        path = Path(self.file).parent / rel
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.error(
+                node,
+                f"api_keys_file: cannot read {path}: {reason}; fix the path (relative to "
+                "this policy file)",
+            )
+            return
+        policy_file, self.file = self.file, str(path)
+        try:
+            try:
+                root = yaml.compose(text, Loader=yaml.SafeLoader)
+            except yaml.MarkedYAMLError as exc:
+                mark = exc.problem_mark or exc.context_mark
+                line = mark.line + 1 if mark else 0
+                problem = exc.problem or exc.context or "invalid YAML"
+                self.issues.append(PolicyIssue(self.file, line, f"YAML syntax error: {problem}"))
+                return
+            except yaml.YAMLError as exc:
+                self.error(None, f"YAML syntax error: {exc}")
+                return
+            if root is None:
+                return
+            self.section(root, "api_keys", self.read_api_key, self.api_keys)
+        finally:
+            self.file = policy_file
 
     def read_role(self, node: Node, what: str) -> _Named | None:
         fields = self.mapping(
@@ -772,6 +875,18 @@ class _Reader:
         issuers = self.unique(self.issuers, "issuer")
         roles = self.unique(self.roles, "role")
         bindings = self.unique(self.bindings, "binding")
+        api_keys = self.unique(self.api_keys, "api key")
+        key_hashes: dict[str, ApiKey] = {}
+        for key in api_keys:
+            if key.key_sha256 in key_hashes:
+                first = key_hashes[key.key_sha256]
+                self.error(
+                    key.source,
+                    f"api key '{key.name}' has the same key_sha256 as '{first.name}' "
+                    f"({first.source}); each key must be distinct",
+                )
+            else:
+                key_hashes[key.key_sha256] = key
         self.unique([_Named(r, r.source) for g in gateways for r in g.routes], "route")
         listen: dict[tuple[str, int], tuple[str, Source]] = {}
         listeners = [(f"gateway '{g.name}'", g.address, g.port, g.source) for g in gateways]
@@ -842,6 +957,7 @@ class _Reader:
             issuers=tuple(issuers),
             roles=tuple(roles),
             bindings=tuple(bindings),
+            api_keys=tuple(api_keys),
             default_action="deny",
             mesh=self.mesh[0] if self.mesh else Mesh(),
             files=files,

@@ -25,7 +25,7 @@ HTTP_METHODS = frozenset(
 )
 
 #: JWS algorithms the v1 policy accepts for an issuer.
-JWT_ALGORITHMS = frozenset({"RS256", "ES256"})
+JWT_ALGORITHMS = frozenset({"RS256", "ES256", "EdDSA"})
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,8 @@ class Issuer:
     algorithms: tuple[str, ...] = ("RS256", "ES256")
     subject_claim: str = "sub"
     groups_claim: str = "groups"
+    #: Seconds of clock skew tolerated when checking ``exp``, ``nbf`` and ``iat``.
+    clock_skew_seconds: int = 30
     source: Source = field(default=_NO_SOURCE, compare=False)
 
 
@@ -213,6 +215,22 @@ class Binding:
 
 
 @dataclass(frozen=True)
+class ApiKey:
+    """A static API key for a user-kind identity (``subject`` and ``groups``).
+
+    Only the key's SHA-256 (64 lower-case hex digits) is kept: the policy, the xDS
+    payload and authz never hold the key itself. Bindings grant the key's ``subject``
+    and ``groups`` like a JWT's.
+    """
+
+    name: str
+    key_sha256: str
+    subject: str
+    groups: tuple[str, ...] = ()
+    source: Source = field(default=_NO_SOURCE, compare=False)
+
+
+@dataclass(frozen=True)
 class Policy:
     """A whole, validated policy. Build with :meth:`Policy.build` to get a version."""
 
@@ -221,6 +239,8 @@ class Policy:
     issuers: tuple[Issuer, ...] = ()
     roles: tuple[Role, ...] = ()
     bindings: tuple[Binding, ...] = ()
+    #: Static API keys (hashes only); see :class:`ApiKey`.
+    api_keys: tuple[ApiKey, ...] = ()
     #: Only ``deny`` in v1: no rule matched → the request is denied.
     default_action: str = "deny"
     mesh: Mesh = Mesh()
@@ -237,6 +257,7 @@ class Policy:
         issuers: tuple[Issuer, ...] = (),
         roles: tuple[Role, ...] = (),
         bindings: tuple[Binding, ...] = (),
+        api_keys: tuple[ApiKey, ...] = (),
         default_action: str = "deny",
         mesh: Mesh = Mesh(),
         files: tuple[str, ...] = (),
@@ -248,6 +269,7 @@ class Policy:
             issuers=issuers,
             roles=roles,
             bindings=bindings,
+            api_keys=api_keys,
             default_action=default_action,
             mesh=mesh,
             files=files,
@@ -259,6 +281,7 @@ class Policy:
             issuers=issuers,
             roles=roles,
             bindings=bindings,
+            api_keys=api_keys,
             default_action=default_action,
             mesh=mesh,
             version=digest[:12],

@@ -15,8 +15,8 @@ POLICY``) and any process that imports this module can unpack it.
 The payload is the canonical JSON whose hash *is* the policy version, so the receiver
 rebuilds the :class:`~meshward.policy.model.Policy` and recomputes the version: a
 mismatch (corruption, or a sender whose model differs from ours) is a :class:`WireError`,
-never a silently different policy. JWKS documents travel inside the JSON; source
-positions do not (rebuilt objects point at ``<xds>``).
+never a silently different policy. JWKS documents and API key hashes (never keys)
+travel inside the JSON; source positions do not (rebuilt objects point at ``<xds>``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
 from meshward.policy.model import (
+    ApiKey,
     Binding,
     Endpoint,
     Gateway,
@@ -156,6 +157,7 @@ _POLICY_PARTS: dict[str, type[Any]] = {
     "issuers": Issuer,
     "roles": Role,
     "bindings": Binding,
+    "api_keys": ApiKey,
 }
 # Types the decoder may meet, resolved once (the model uses postponed annotations).
 _HINTS: dict[type[Any], dict[str, Any]] = {
@@ -172,6 +174,7 @@ _HINTS: dict[type[Any], dict[str, Any]] = {
         Role,
         Permission,
         Binding,
+        ApiKey,
         Mesh,
     )
 }

@@ -471,7 +471,7 @@ def test_allow_response_sets_workload_header_overwriting_the_client(
         "x-meshward-decision-id": (decision.decision_id, OVERWRITE),
         "x-meshward-workload": (ORDERS, OVERWRITE),
     }
-    assert list(response.ok_response.headers_to_remove) == []
+    assert list(response.ok_response.headers_to_remove) == ["x-api-key"]  # never forwarded
     both = decide_for(
         mesh,
         testing.check_request(
@@ -492,4 +492,4 @@ def test_allow_without_workload_removes_a_client_workload_header(
     )
     assert response.status.code == 0
     assert "x-meshward-workload" not in headers_of(response.ok_response.headers)
-    assert list(response.ok_response.headers_to_remove) == ["x-meshward-workload"]
+    assert list(response.ok_response.headers_to_remove) == ["x-api-key", "x-meshward-workload"]

@@ -311,3 +311,104 @@ def test_sidecar_inbound_route_names_are_reserved(tmp_path: Path) -> None:
         f"{tmp_path}/mesh.yaml:{line}: route name 'catalog.inbound' is reserved for the "
         "inbound route of that service's sidecar; rename the route"
     ]
+
+
+# ---- api_keys --------------------------------------------------------------------
+
+ALICE_HASH = "ab" * 32
+CI_HASH = "CD" * 32  # upper-case hex is accepted and stored lower-case
+
+API_KEYS = f"""\
+api_keys:
+  - name: alice-script
+    key_sha256: {ALICE_HASH}
+    subject: alice
+  - name: ci
+    key_sha256: {CI_HASH}
+    subject: ci-bot
+    groups: [customers, ci]
+"""
+
+
+def test_api_keys_load_as_hashes_with_subject_and_groups(tmp_path: Path) -> None:
+    policy = load_policy(write_policy(tmp_path, text=VALID_POLICY + API_KEYS))
+    alice, ci = policy.api_keys
+    assert (alice.name, alice.key_sha256, alice.subject, alice.groups) == (
+        "alice-script",
+        ALICE_HASH,
+        "alice",
+        (),
+    )
+    assert (ci.key_sha256, ci.subject, ci.groups) == (
+        CI_HASH.lower(),
+        "ci-bot",
+        ("customers", "ci"),
+    )
+    assert ci.source.line == line_of(VALID_POLICY + API_KEYS, "name: ci")
+    assert ALICE_HASH in policy.canonical_json(), "hashes are part of the meaning"
+    without = load_policy(write_policy(tmp_path / "plain"))
+    assert without.api_keys == () and without.version != policy.version
+
+
+def test_api_keys_file_is_relative_to_the_policy_file(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "keys.yaml").write_text(API_KEYS.split("\n", 1)[1].replace("\n  ", "\n")[2:])
+    (secret / "keys.json").write_text(
+        '[{"name": "json-key", "key_sha256": "' + "ef" * 32 + '", "subject": "bob"}]'
+    )
+    (tmp_path / "policy").mkdir()
+    write_policy(
+        tmp_path / "policy",
+        text=VALID_POLICY + "api_keys_file: ../secret/keys.yaml\n",
+    )
+    (tmp_path / "policy" / "more.yaml").write_text("api_keys_file: ../secret/keys.json\n")
+    policy = load_policy(tmp_path / "policy")
+    assert [k.name for k in policy.api_keys] == ["alice-script", "ci", "json-key"]
+    assert policy.api_keys[1].groups == ("customers", "ci")
+    assert policy.api_keys[0].source.file == str(tmp_path / "policy" / "../secret/keys.yaml")
+    inline = load_policy(write_policy(tmp_path / "inline", text=VALID_POLICY + API_KEYS))
+    assert policy.api_keys[:2] == inline.api_keys
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["mk_live_plaintext_key", "ab" * 31, "ab" * 33, "zz" * 32, "ab" * 31 + "a "],
+)
+def test_a_value_that_is_not_a_sha256_hash_is_rejected(tmp_path: Path, bad: str) -> None:
+    text = VALID_POLICY + API_KEYS.replace(ALICE_HASH, f'"{bad}"')
+    errors = errors_of(write_policy(tmp_path, text=text))
+    line = line_of(text, 'key_sha256: "')
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"{tmp_path}/mesh.yaml:{line}: api_keys[0].key_sha256: ")
+    assert "printf %s KEY | sha256sum" in errors[0]
+    assert bad.strip() not in errors[0], "a pasted key is never echoed"
+
+
+def test_duplicate_api_key_names_and_hashes_are_reported(tmp_path: Path) -> None:
+    dup_name = API_KEYS + f"  - name: ci\n    key_sha256: {'01' * 32}\n    subject: x\n"
+    errors = errors_of(write_policy(tmp_path / "a", text=VALID_POLICY + dup_name))
+    line = (VALID_POLICY + dup_name).count("\n", 0, (VALID_POLICY + dup_name).rindex("name: ci"))
+    assert errors == [
+        f"{tmp_path}/a/mesh.yaml:{line + 1}: duplicate api key name 'ci' (first defined at "
+        f"{tmp_path}/a/mesh.yaml:{line_of(VALID_POLICY + API_KEYS, 'name: ci')}); "
+        "names must be unique"
+    ]
+    dup_hash = API_KEYS + f"  - name: other\n    key_sha256: {ALICE_HASH.upper()}\n    subject: x\n"
+    errors = errors_of(write_policy(tmp_path / "b", text=VALID_POLICY + dup_hash))
+    assert len(errors) == 1
+    assert errors[0].startswith(
+        f"{tmp_path}/b/mesh.yaml:{line_of(VALID_POLICY + dup_hash, 'name: other')}: "
+        "api key 'other' has the same key_sha256 as 'alice-script'"
+    )
+
+
+def test_api_keys_file_errors_name_that_file(tmp_path: Path) -> None:
+    (tmp_path / "keys.yaml").write_text("- name: k\n  key_sha256: nope\n  subject: s\n")
+    write_policy(tmp_path / "p", text=VALID_POLICY + "api_keys_file: ../keys.yaml\n")
+    errors = errors_of(tmp_path / "p")
+    assert len(errors) == 1 and errors[0].startswith(f"{tmp_path}/p/../keys.yaml:2: ")
+    write_policy(tmp_path / "q", text=VALID_POLICY + "api_keys_file: missing.yaml\n")
+    (error,) = errors_of(tmp_path / "q")
+    assert error.startswith(f"{tmp_path}/q/mesh.yaml:{line_of(VALID_POLICY, 'default') + 1}: ")
+    assert "api_keys_file: cannot read" in error

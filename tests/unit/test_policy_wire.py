@@ -11,7 +11,7 @@ from google.protobuf.any_pb2 import Any as AnyMessage
 from meshward.policy import wire
 from meshward.policy.loader import load_policy
 from meshward.policy.model import Policy
-from tests.policy_files import write_policy
+from tests.policy_files import VALID_POLICY, write_policy
 from xds_server import resources as rs
 
 
@@ -105,3 +105,33 @@ def test_wrong_shapes_name_the_place(policy: Policy) -> None:
 def test_other_message_types_are_rejected() -> None:
     with pytest.raises(wire.WireError, match=r"expected a meshward\.v1\.PolicyResource"):
         wire.from_resource(AnyMessage())
+
+
+def test_round_trip_with_api_keys_keeps_hashes_subjects_and_groups(tmp_path: Path) -> None:
+    api_keys = (
+        "api_keys:\n"
+        "  - name: alice-script\n"
+        f"    key_sha256: {'ab' * 32}\n"
+        "    subject: alice\n"
+        "  - name: ci\n"
+        f"    key_sha256: {'12' * 32}\n"
+        "    subject: ci-bot\n"
+        "    groups: [customers]\n"
+    )
+    policy = load_policy(write_policy(tmp_path / "keys", text=VALID_POLICY + api_keys))
+    assert len(policy.api_keys) == 2
+    message = wire.to_resource(policy)
+    carried = json.loads(getattr(message, "policy_json"))  # noqa: B009
+    assert carried["api_keys"][0]["key_sha256"] == "ab" * 32
+    decoded = wire.from_resource(wire.PolicyResource.FromString(message.SerializeToString()))
+    assert decoded == policy and decoded.version == policy.version
+    assert decoded.api_keys == policy.api_keys
+    assert decoded.api_keys[1].groups == ("customers",)
+    assert isinstance(decoded.api_keys[1].groups, tuple)
+    assert decoded.api_keys[0].source == wire.XDS_SOURCE
+
+    def drop_groups(data: dict[str, object]) -> None:
+        del data["api_keys"][1]["groups"]  # type: ignore[index]
+
+    with pytest.raises(wire.WireError, match=r"api_keys\[1\]: missing 'groups'"):
+        wire.from_resource(_tampered(policy, drop_groups))  # type: ignore[arg-type]
