@@ -30,6 +30,7 @@ from authz.compiled import CompiledPolicy, compile_policy
 from meshward import explain
 from meshward.demo_keys import DemoKey
 from meshward.policy.model import Policy
+from meshward.policy.yaml_source import YamlSyntaxError, compose
 
 CASE_KEYS = ("name", "request", "expect")
 REQUEST_KEYS = ("method", "path", "host", "route", "subject", "groups", "token", "spiffe")
@@ -214,12 +215,10 @@ def read_test_file(path: Path) -> CaseFile:
         result.errors.append(f"{path}: cannot read: {exc}")
         return result
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        result.errors.append(f"{path}{line}: invalid YAML: {problem}")
+        root = compose(text)
+    except YamlSyntaxError as exc:
+        line = f":{exc.line}" if exc.line else ""
+        result.errors.append(f"{path}{line}: invalid YAML: {exc.problem}")
         return result
     _Reader(result).read(root)
     return result

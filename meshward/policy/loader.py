@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from meshward.policy.errors import PolicyError, PolicyIssue
@@ -50,6 +49,7 @@ from meshward.policy.model import (
     Sidecar,
     Source,
 )
+from meshward.policy.yaml_source import YamlSyntaxError, compose
 
 T = TypeVar("T")
 
@@ -167,17 +167,12 @@ class _Reader:
             self.error(None, f"cannot read policy file ({exc}); check the path and permissions")
             return
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            line = mark.line + 1 if mark else 0
-            problem = exc.problem or exc.context or "invalid YAML"
+            root = compose(text)
+        except YamlSyntaxError as exc:
+            hint = "; fix the YAML syntax" if exc.line else ""
             self.issues.append(
-                PolicyIssue(self.file, line, f"YAML syntax error: {problem}; fix the YAML syntax")
+                PolicyIssue(self.file, exc.line, f"YAML syntax error: {exc.problem}{hint}")
             )
-            return
-        except yaml.YAMLError as exc:
-            self.error(None, f"YAML syntax error: {exc}")
             return
         if root is None or (isinstance(root, ScalarNode) and root.tag == _NULL):
             return  # an empty file contributes nothing
@@ -701,15 +696,11 @@ class _Reader:
         policy_file, self.file = self.file, str(path)
         try:
             try:
-                root = yaml.compose(text, Loader=yaml.SafeLoader)
-            except yaml.MarkedYAMLError as exc:
-                mark = exc.problem_mark or exc.context_mark
-                line = mark.line + 1 if mark else 0
-                problem = exc.problem or exc.context or "invalid YAML"
-                self.issues.append(PolicyIssue(self.file, line, f"YAML syntax error: {problem}"))
-                return
-            except yaml.YAMLError as exc:
-                self.error(None, f"YAML syntax error: {exc}")
+                root = compose(text)
+            except YamlSyntaxError as exc:
+                self.issues.append(
+                    PolicyIssue(self.file, exc.line, f"YAML syntax error: {exc.problem}")
+                )
                 return
             if root is None:
                 return
