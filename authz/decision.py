@@ -142,50 +142,39 @@ def decide(
             user_method = method.name
             break
 
-    auth_method = _auth_method(workload_method, user_method)
+    # Every decision from here on names the same methods and peer.
+    seen = {"auth_method": _auth_method(workload_method, user_method), "workload": peer, **common}
     if workload_error is not None:
         return Decision(
             allowed=False,
             http_status=403,
             reason=workload_error.reason,
             subject=user.subject if user is not None else "",
-            auth_method=auth_method,
-            workload=peer,
-            **common,
+            **seen,
         )
 
     identities = Identities(workload, user)
     match = policy.rbac.authorize(identities, request)
-    if match is None:
-        if user is None:
-            return Decision(
-                allowed=False,
-                http_status=401,
-                reason=reasons.MISSING_TOKEN,
-                subject=identities.subject,
-                auth_method=auth_method,
-                workload=peer,
-                www_authenticate=bearer_challenge(None),
-                **common,
-            )
+    if match is not None:
+        return Decision(
+            allowed=True,
+            http_status=200,
+            reason=reasons.ALLOWED,
+            subject=identities.subject,
+            matched_rule=str(match),
+            **seen,
+        )
+    if user is None:
         return Decision(
             allowed=False,
-            http_status=403,
-            reason=reasons.FORBIDDEN,
-            subject=user.subject,
-            auth_method=auth_method,
-            workload=peer,
-            **common,
+            http_status=401,
+            reason=reasons.MISSING_TOKEN,
+            subject=identities.subject,
+            www_authenticate=bearer_challenge(None),
+            **seen,
         )
     return Decision(
-        allowed=True,
-        http_status=200,
-        reason=reasons.ALLOWED,
-        subject=identities.subject,
-        auth_method=auth_method,
-        workload=peer,
-        matched_rule=str(match),
-        **common,
+        allowed=False, http_status=403, reason=reasons.FORBIDDEN, subject=user.subject, **seen
     )
 
 
