@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import pytest
 
 from tests import tokens
-from tests.mesh_harness import Mesh, RecordingUpstream, free_port, http
+from tests.envoy_harness import free_port
+from tests.mesh_harness import Mesh, RecordingUpstream, http
 from tests.policy_files import new_keys, write_policy
 
 pytestmark = pytest.mark.integration

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from tests import tokens
-from tests.envoy_harness import http_request
-from tests.mesh_harness import RecordingUpstream, free_port
+from tests.envoy_harness import free_port, http_request
+from tests.mesh_harness import RecordingUpstream
 from tests.policy_files import VALID_POLICY, new_keys, write_policy
 from tests.process_mesh import ROOT, ProcessMesh, Traffic, wait_until
 

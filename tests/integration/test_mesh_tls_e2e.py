@@ -20,7 +20,9 @@ import pytest
 from joserfc.jwk import ECKey, RSAKey
 
 from tests import tokens
-from tests.mesh_harness import Mesh, RecordingUpstream, free_port
+from tests.envoy_harness import free_port
+from tests.mesh_harness import Mesh, RecordingUpstream
+from tests.mtls_harness import plaintext_exchange
 from tests.policy_files import new_keys, write_policy
 
 pytestmark = pytest.mark.integration
@@ -141,20 +143,9 @@ def test_denials_still_apply_over_tls(stack: TlsStack) -> None:
     assert stack.curl("/orders/7", token=bob).stdout.split()[0] == "403"
 
 
-def plaintext_reply(port: int, host: str) -> bytes:
-    """What a TLS-only listener answers to a plaintext HTTP request (never an HTTP reply)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(f"GET /orders/7 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-        s.settimeout(5)
-        try:
-            return s.recv(100)
-        except (ConnectionResetError, TimeoutError):
-            return b""
-
-
 def test_gateway_refuses_plaintext_and_old_tls(stack: TlsStack) -> None:
     port = stack.ports["gateway_port"]
-    reply = plaintext_reply(port, "localhost")
+    reply = plaintext_exchange(port, b"GET /orders/7 HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert not reply.startswith(b"HTTP/"), reply
     context = ssl.create_default_context(cafile=str(stack.ca_bundle))
     with warnings.catch_warnings():  # offering TLS 1.1 is the point of this check
@@ -168,7 +159,7 @@ def test_gateway_refuses_plaintext_and_old_tls(stack: TlsStack) -> None:
 
 def test_sidecar_refuses_plaintext_and_clients_without_certificates(stack: TlsStack) -> None:
     port = stack.ports["orders_sidecar"]
-    reply = plaintext_reply(port, "orders")
+    reply = plaintext_exchange(port, b"GET /orders/7 HTTP/1.1\r\nHost: orders\r\n\r\n")
     assert not reply.startswith(b"HTTP/"), reply
     # TLS but no client certificate: the handshake (or the first read) fails.
     context = ssl.create_default_context(cafile=str(stack.ca_bundle))

@@ -27,8 +27,8 @@ from meshward.pki import CertificateAuthority
 from meshward.policy.loader import load_policy
 from tests import tokens
 from tests.authz_helpers import check_request
-from tests.envoy_harness import http_request
-from tests.mesh_harness import RecordingUpstream, free_port
+from tests.envoy_harness import free_port, http_request
+from tests.mesh_harness import RecordingUpstream
 from tests.mtls_harness import TlsRelay
 from tests.policy_files import new_keys, write_policy
 from tests.process_mesh import ROOT, ProcessMesh, wait_http, wait_until
