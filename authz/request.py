@@ -44,6 +44,11 @@ class AuthzRequest:
     proxy_policy_version: str
     #: ``x-request-id``, the id Envoy's own spans and access logs carry.
     request_id: str
+    #: ``attributes.source.address``: the client's IP as Envoy saw it (the downstream
+    #: peer, or the trusted ``x-forwarded-for`` hop when Envoy is configured so).
+    source_ip: str = ""
+    #: ``attributes.destination.address``'s port: the listener the request arrived on.
+    destination_port: int = 0
 
     @classmethod
     def from_check_request(cls, message: external_auth_pb2.CheckRequest) -> AuthzRequest:
@@ -67,6 +72,8 @@ class AuthzRequest:
             gateway=extensions.get(route_context.GATEWAY, ""),
             proxy_policy_version=extensions.get(route_context.POLICY_VERSION, ""),
             request_id=headers.get("x-request-id", ""),
+            source_ip=attributes.source.address.socket_address.address,
+            destination_port=attributes.destination.address.socket_address.port_value,
         )
 
 

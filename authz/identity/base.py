@@ -23,8 +23,9 @@ the phase is one :class:`Identities`. A new method is a new module implementing
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
 
 from authz.request import AuthzRequest
 
@@ -40,6 +41,9 @@ class Identity:
     method: str = ""
     #: Who issued the credential (a JWT ``iss``, a trust domain, …); informational.
     issuer: str = ""
+    #: The verified token's claims (JWT only; None for other methods): what claim
+    #: conditions and MFA requirements read. Never logged or traced whole.
+    claims: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 class Identities(NamedTuple):

@@ -320,7 +320,7 @@ def _identity(claims: dict[str, Any], compiled: _IssuerKeys, now: float) -> tupl
         # isprintable(): the subject goes upstream in a header, so no CR/LF or controls
         raise AuthenticationError(reasons.INVALID_TOKEN, "token has no valid subject")
     groups = _groups(_claim(claims, issuer.groups_claim))
-    return Identity(subject, groups, JwtMethod.name, issuer.issuer), exp
+    return Identity(subject, groups, JwtMethod.name, issuer.issuer, claims), exp
 
 
 class _TokenCache:

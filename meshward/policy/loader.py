@@ -456,7 +456,7 @@ class _Reader:
                 )
         if name is None or match is None or service is None:
             return None
-        return Route(name, match, service, self.src(node))
+        return Route(name, match, service, source=self.src(node))
 
     def read_match(self, node: Node, what: str) -> RouteMatch | None:
         fields = self.mapping(node, what, allowed=("prefix", "path", "hosts", "methods"))

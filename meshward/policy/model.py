@@ -100,16 +100,35 @@ class RouteMatch:
 
 
 @dataclass(frozen=True)
+class MfaRequirement:
+    """What a route demands of the user's authentication (RFC 9470 step-up).
+
+    A token satisfies it when its ``amr`` claim (a list) contains one of ``amr`` (empty:
+    no ``amr`` demand), its ``acr`` is ``min_acr`` or a level above it in the issuer's
+    ``acr_levels`` (empty: no ``acr`` demand), and, with ``max_age_seconds``, its
+    ``auth_time`` is at most that old. A user identity that cannot carry these claims
+    (an API key) never satisfies it.
+    """
+
+    amr: tuple[str, ...] = ()
+    min_acr: str = ""
+    max_age_seconds: int = 0
+
+
+@dataclass(frozen=True)
 class Route:
     """A gateway route: a match and the service it forwards to.
 
     ``name`` is unique across the whole policy; it is what Envoy reports back to
-    authz (through ``context_extensions``) and what decisions and spans name.
+    authz (through ``context_extensions``) and what decisions and spans name. With
+    ``mfa`` an otherwise allowed request whose user token does not meet it gets a 401
+    ``insufficient_user_authentication``.
     """
 
     name: str
     match: RouteMatch
     service: str
+    mfa: MfaRequirement | None = None
     source: Source = field(default=_NO_SOURCE, compare=False)
 
 
@@ -148,10 +167,21 @@ class Gateway:
 class Issuer:
     """A trusted JWT issuer.
 
-    ``jwks`` is the JWKS document itself (parsed JSON), read by the loader from
-    ``jwks_file``; services never touch the file system for keys, so a policy can be
-    shipped whole to authz replicas. ``subject_claim`` and ``groups_claim`` name the
-    claims that become the subject and groups of the identity.
+    Keys come from exactly one of two places:
+
+    - ``jwks``: the JWKS document itself (parsed JSON), read by the loader from
+      ``jwks_file``; services never touch the file system for keys, so a policy can be
+      shipped whole to authz replicas;
+    - ``jwks_uri``: an HTTPS URL each authz process fetches in the background
+      (``jwks`` is then empty). ``jwks_ca_pem`` is the PEM bundle that verifies the
+      server (empty: the system's CAs); it is read by the loader from ``jwks_ca_file``
+      and travels inside the policy like ``jwks``. Keys are re-fetched every
+      ``jwks_refresh_seconds``, and on a token with an unknown ``kid`` at most once per
+      ``jwks_min_refresh_seconds``; a failed fetch keeps the last good keys.
+
+    ``subject_claim`` and ``groups_claim`` name the claims that become the subject and
+    groups of the identity. ``acr_levels`` orders the issuer's ``acr`` values, lowest
+    first, for routes demanding a minimum ``acr``.
     """
 
     name: str
@@ -166,22 +196,47 @@ class Issuer:
     groups_claim: str = "groups"
     #: Seconds of clock skew tolerated when checking ``exp``, ``nbf`` and ``iat``.
     clock_skew_seconds: int = 30
+    jwks_uri: str = ""
+    jwks_ca_pem: str = ""
+    jwks_refresh_seconds: int = 300
+    jwks_min_refresh_seconds: int = 10
+    acr_levels: tuple[str, ...] = ()
     source: Source = field(default=_NO_SOURCE, compare=False)
 
 
 @dataclass(frozen=True)
-class Permission:
-    """What a role allows: any of ``methods`` on any of ``paths``.
+class HeaderMatch:
+    """A request header a permission requires. ``name`` is lower case; ``value`` is
+    ``*`` (present, any value), ``prefix*`` (starts with), or an exact value."""
 
-    ``methods`` empty means any method. A path pattern is an exact path (``/orders``),
-    a prefix ending in ``*`` (``/orders/*`` matches ``/orders/`` and below), or ``*``
-    alone for any path. ``services`` empty means any service; otherwise the
-    permission applies only to requests routed to one of the named services.
+    name: str
+    value: str = "*"
+
+
+@dataclass(frozen=True)
+class Permission:
+    """What a role allows: a request matching every listed aspect.
+
+    - ``methods``: empty means any method.
+    - ``paths``: any one of the patterns. A pattern is an exact path (``/orders``), a
+      prefix ending in ``*`` (``/orders/*``), a suffix starting with ``*``
+      (``*.json``), ``*`` alone for any path, or a segment template where ``{*}`` is
+      exactly one segment and a final ``{**}`` zero or more (``/orders/{*}/items``,
+      ``/static/{**}``).
+    - ``hosts``: empty means any; otherwise the request's host (port ignored) is one
+      of them: exact (``api.example.com``) or ``*.example.com`` (one or more labels).
+    - ``ports``: empty means any; otherwise the port the request arrived on (the
+      listener's: the gateway's or the sidecar's).
+    - ``headers``: every one must be present and match.
+    - ``services``: empty means any; otherwise the service the route forwards to.
     """
 
     methods: tuple[str, ...] = ()
     paths: tuple[str, ...] = ("*",)
     services: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+    headers: tuple[HeaderMatch, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -194,16 +249,39 @@ class Role:
 
 
 @dataclass(frozen=True)
-class Binding:
-    """Grants ``role`` to principals: end users and/or workloads.
+class ClaimCondition:
+    """The user token's claim at ``path`` (dotted, like ``groups_claim``) must equal one
+    of ``values`` or, when the claim is a list, contain one of them. Numbers and
+    booleans compare by their JSON text (``true``, ``3``)."""
 
-    *User* principals are JWT subjects (``sub``) and groups; *workload* principals are
-    SPIFFE ID patterns matched against the mTLS peer (``source.principal``). A binding
-    that names both kinds requires both (the request must come from a matching
-    workload *and* carry a matching user token); one that names one kind requires
-    that kind. Pattern syntax: an exact SPIFFE ID, ``*`` as a whole path segment for
-    exactly one segment, and a trailing ``/*`` for one or more segments
+    path: str
+    values: tuple[str, ...]
+
+
+#: Binding effects and modes.
+EFFECTS = ("allow", "deny")
+MODES = ("enforce", "audit")
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Applies ``role`` to principals: end users and/or workloads, under conditions.
+
+    *User* principals are JWT/API-key subjects and groups (``*`` in ``subjects``: any
+    user identity); *workload* principals are SPIFFE ID patterns matched against the
+    mTLS peer (``source.principal``). A binding that names both kinds requires both (the
+    request must come from a matching workload *and* carry a matching user identity);
+    one that names one kind requires that kind. A ``deny`` binding naming no principal
+    applies to every request. Pattern syntax: an exact SPIFFE ID, ``*`` as a whole path
+    segment for exactly one segment, and a trailing ``/*`` for one or more segments
     (``spiffe://example.org/ns/shop/*``).
+
+    Conditions, all of which must hold: the client address is in one of
+    ``source_ips`` (CIDRs; empty: any) and in none of ``not_source_ips``; every
+    ``claims`` condition holds for the user's token (no token claims: it fails).
+
+    ``effect: deny`` bindings are evaluated before any ``allow``: a match denies.
+    ``mode: audit`` bindings are evaluated, traced and logged but never enforced.
     """
 
     name: str
@@ -211,6 +289,11 @@ class Binding:
     subjects: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
     workloads: tuple[str, ...] = ()
+    effect: str = "allow"
+    mode: str = "enforce"
+    source_ips: tuple[str, ...] = ()
+    not_source_ips: tuple[str, ...] = ()
+    claims: tuple[ClaimCondition, ...] = ()
     source: Source = field(default=_NO_SOURCE, compare=False)
 
 
@@ -231,6 +314,23 @@ class ApiKey:
 
 
 @dataclass(frozen=True)
+class Responses:
+    """What authz adds to an allowed request before Envoy forwards it upstream.
+
+    Each ``*_header`` names the header carrying that fact (empty: not sent). A sent
+    header always overwrites a client-supplied one of the same name, and when there is
+    nothing to send (no groups, no workload) a client-supplied one is removed, so the
+    upstream can trust them. ``remove_authorization`` strips the ``Authorization``
+    header (the user's token) once authz has verified it.
+    """
+
+    subject_header: str = "x-meshward-subject"
+    groups_header: str = "x-meshward-groups"
+    workload_header: str = "x-meshward-workload"
+    remove_authorization: bool = False
+
+
+@dataclass(frozen=True)
 class Policy:
     """A whole, validated policy. Build with :meth:`Policy.build` to get a version."""
 
@@ -244,6 +344,7 @@ class Policy:
     #: Only ``deny`` in v1: no rule matched → the request is denied.
     default_action: str = "deny"
     mesh: Mesh = Mesh()
+    responses: Responses = Responses()
     version: str = ""
     #: The files the policy was read from, for status pages and logs.
     files: tuple[str, ...] = field(default=(), compare=False)
@@ -260,6 +361,7 @@ class Policy:
         api_keys: tuple[ApiKey, ...] = (),
         default_action: str = "deny",
         mesh: Mesh = Mesh(),
+        responses: Responses = Responses(),
         files: tuple[str, ...] = (),
     ) -> Policy:
         """Create a policy and stamp it with its content-hash version."""
@@ -272,6 +374,7 @@ class Policy:
             api_keys=api_keys,
             default_action=default_action,
             mesh=mesh,
+            responses=responses,
             files=files,
         )
         digest = hashlib.sha256(unversioned.canonical_json().encode()).hexdigest()
@@ -284,6 +387,7 @@ class Policy:
             api_keys=api_keys,
             default_action=default_action,
             mesh=mesh,
+            responses=responses,
             version=digest[:12],
             files=files,
         )

@@ -33,13 +33,17 @@ from google.protobuf.message import Message
 from meshward.policy.model import (
     ApiKey,
     Binding,
+    ClaimCondition,
     Endpoint,
     Gateway,
     GatewayTls,
+    HeaderMatch,
     Issuer,
     Mesh,
+    MfaRequirement,
     Permission,
     Policy,
+    Responses,
     Role,
     Route,
     RouteMatch,
@@ -176,12 +180,16 @@ _HINTS: dict[type[Any], dict[str, Any]] = {
         Binding,
         ApiKey,
         Mesh,
+        MfaRequirement,
+        HeaderMatch,
+        ClaimCondition,
+        Responses,
     )
 }
 
 
 def _decode_policy(data: Any) -> Policy:
-    expected = {*_POLICY_PARTS, "default_action", "mesh"}
+    expected = {*_POLICY_PARTS, "default_action", "mesh", "responses"}
     if not isinstance(data, dict):
         raise _ShapeError("", f"expected an object, got {type(data).__name__}")
     _check_keys(data, expected, "")
@@ -195,7 +203,8 @@ def _decode_policy(data: Any) -> Policy:
     if not isinstance(default_action, str):
         raise _ShapeError("default_action", "expected a string")
     mesh = _decode(Mesh, data["mesh"], "mesh")
-    return Policy.build(default_action=default_action, mesh=mesh, **parts)
+    responses = _decode(Responses, data["responses"], "responses")
+    return Policy.build(default_action=default_action, mesh=mesh, responses=responses, **parts)
 
 
 def _decode(cls: type[T], data: Any, path: str) -> T:
@@ -216,6 +225,10 @@ def _value(hint: Any, data: Any, path: str) -> Any:
     if hint is str:
         if not isinstance(data, str):
             raise _ShapeError(path, f"expected a string, got {type(data).__name__}")
+        return data
+    if hint is bool:
+        if not isinstance(data, bool):
+            raise _ShapeError(path, f"expected a boolean, got {type(data).__name__}")
         return data
     if hint is int:
         if not isinstance(data, int) or isinstance(data, bool):
