@@ -29,8 +29,10 @@ from authz.metrics import AuthzMetrics
 from authz.request import AuthzRequest
 from authz.response import to_check_response
 from authz.tracing import record_check_span, trace_id_hex
+from meshward.policy.model import Responses
 
 _log = logging.getLogger("meshward.authz")
+_DEFAULTS = Responses()
 
 
 class Checker:
@@ -72,7 +74,7 @@ class Checker:
             else:
                 request = AuthzRequest.from_check_request(message)
                 decision = decide(request, policy, start_ns / 1e9)
-            response = to_check_response(decision)
+            response = to_check_response(decision, policy.responses if policy else _DEFAULTS)
         except Exception:
             _log.exception("check failed; denying")
             internal_error = True

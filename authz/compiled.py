@@ -7,14 +7,15 @@ they started with.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from authz.authorization.mfa import CompiledMfa
 from authz.authorization.rbac import RbacIndex
 from authz.identity.api_key import ApiKeyMethod
 from authz.identity.base import IdentityMethod
 from authz.identity.jwt import JwtMethod
 from authz.identity.mtls import MtlsMethod
-from meshward.policy.model import Policy
+from meshward.policy.model import Policy, Responses
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class CompiledPolicy:
     #: Methods establishing the *workload* identity (the mTLS peer), tried in order the
     #: same way (a bad one is a 403 ``untrusted_workload``).
     workload_methods: tuple[IdentityMethod, ...] = ()
+    #: Route name → its step-up demand (routes without one are absent).
+    mfa: dict[str, CompiledMfa] = field(default_factory=dict)
+    #: What allowed requests carry upstream.
+    responses: Responses = field(default_factory=Responses)
 
 
 def compile_policy(policy: Policy) -> CompiledPolicy:
@@ -44,4 +49,10 @@ def compile_policy(policy: Policy) -> CompiledPolicy:
         user_methods=tuple(user_methods),
         rbac=RbacIndex(policy),
         workload_methods=(MtlsMethod(policy.mesh.trust_domain),),
+        mfa={
+            route.name: CompiledMfa.of(route.mfa, policy.issuers)
+            for route in policy.routes()
+            if route.mfa is not None
+        },
+        responses=policy.responses,
     )

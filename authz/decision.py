@@ -16,12 +16,21 @@ first, then RBAC sees whichever are present. Order (the first that applies decid
    → 403 ``untrusted_workload`` (an empty principal is no workload identity, not an
    error);
 4. RBAC with the identities present (see :mod:`authz.authorization.rbac`: a binding
-   naming users and workloads needs both). A matching rule → allow, ``allowed``,
-   naming the rule; ``subject`` is the user's subject if any, else the SPIFFE ID;
-5. no matching rule and no user credential → 401 ``missing_token`` with a bare
-   ``Bearer`` challenge, also when a workload identity is present (a user token might
-   still grant access; the rule is kept simple and predictable);
-6. no matching rule with a valid user credential → 403 ``forbidden`` (default deny).
+   naming users and workloads needs both). An enforced ``effect: deny`` rule that
+   applies → 403 ``denied_by_rule`` naming it, whatever allows;
+5. an allow rule that applies → allow, ``allowed``, naming the rule; ``subject`` is the
+   user's subject if any, else the SPIFFE ID — unless the route demands MFA
+   (:mod:`authz.authorization.mfa`): a user token that does not meet it → 401
+   ``insufficient_user_authentication`` with the RFC 9470 challenge (naming the rule
+   that would have allowed); no user token at all → step 6;
+6. no allow and no user credential → 401 ``missing_token`` with a bare ``Bearer``
+   challenge, also when a workload identity is present (a user token might still
+   grant access; the rule is kept simple and predictable);
+7. no allow with a valid user credential → 403 ``forbidden`` (default deny).
+
+Dry-run rules (``mode: audit``) never change the outcome: the ones that applied are
+listed in ``audit``, and ``audit_outcome`` says whether enforcing them would have
+(``would_deny`` for an allowed request, ``would_allow`` for one denied in step 6/7).
 
 ``auth_method`` names the methods whose credentials were presented (valid or not):
 ``jwt``, ``api_key``, ``mtls``, ``mtls+jwt``, ``mtls+api_key``, or ``none``; empty
@@ -36,9 +45,11 @@ given), so the serving loop around it can change freely.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TypedDict
 
 from authz import reasons
+from authz.authorization.rbac import Evaluation
 from authz.compiled import CompiledPolicy
 from authz.identity.base import AuthenticationError, Identities, Identity
 from authz.identity.mtls import MAX_SPIFFE_ID_LENGTH
@@ -76,6 +87,31 @@ class Decision:
     matched_rule: str = ""
     #: The ``WWW-Authenticate`` value for 401 responses, else empty.
     www_authenticate: str = ""
+    #: The user's groups (what the groups header carries upstream on allow).
+    groups: tuple[str, ...] = ()
+    #: Dry-run (``mode: audit``) rules that applied, as ``<effect>:<rule>``.
+    audit: tuple[str, ...] = ()
+    #: ``would_deny`` / ``would_allow`` when enforcing the audited rules would change
+    #: this decision; empty otherwise.
+    audit_outcome: str = ""
+
+
+class _Common(TypedDict):
+    """The fields every decision of one request shares (passed as ``**common``)."""
+
+    decision_id: str
+    route: str
+    service: str
+    gateway: str
+    policy_version: str
+    proxy_policy_version: str
+
+
+class _Seen(_Common):
+    """… plus, once identity was looked at, the methods and the peer."""
+
+    auth_method: str
+    workload: str
 
 
 def new_decision_id() -> str:
@@ -91,7 +127,7 @@ def decide(
 ) -> Decision:
     """Decide ``request`` under ``policy`` at ``now`` (Unix seconds)."""
     did = decision_id if decision_id is not None else new_decision_id()
-    common = {
+    common: _Common = {
         "decision_id": did,
         "route": request.route,
         "service": request.service,
@@ -143,7 +179,11 @@ def decide(
             break
 
     # Every decision from here on names the same methods and peer.
-    seen = {"auth_method": _auth_method(workload_method, user_method), "workload": peer, **common}
+    seen: _Seen = {
+        **common,
+        "auth_method": _auth_method(workload_method, user_method),
+        "workload": peer,
+    }
     if workload_error is not None:
         return Decision(
             allowed=False,
@@ -154,16 +194,62 @@ def decide(
         )
 
     identities = Identities(workload, user)
-    match = policy.rbac.authorize(identities, request)
-    if match is not None:
+    evaluation = policy.rbac.evaluate(identities, request)
+    decision = _rbac_decision(evaluation, identities, request, policy, now=now, seen=seen)
+    if not policy.rbac.has_audit:
+        return decision
+    return _with_audit(decision, evaluation)
+
+
+def _rbac_decision(
+    evaluation: Evaluation,
+    identities: Identities,
+    request: AuthzRequest,
+    policy: CompiledPolicy,
+    *,
+    now: float,
+    seen: _Seen,
+) -> Decision:
+    """Steps 4-7 of the module docstring: deny rules, allow rules, MFA, default deny."""
+    user = identities.user
+    groups = user.groups if user is not None else ()
+    if evaluation.deny is not None:
         return Decision(
-            allowed=True,
-            http_status=200,
-            reason=reasons.ALLOWED,
+            allowed=False,
+            http_status=403,
+            reason=reasons.DENIED_BY_RULE,
             subject=identities.subject,
-            matched_rule=str(match),
+            groups=groups,
+            matched_rule=str(evaluation.deny),
             **seen,
         )
+    allow = evaluation.allow
+    if allow is not None:
+        mfa = policy.mfa.get(request.route)
+        if mfa is not None and user is not None:
+            problem = mfa.problem(user, now)
+            if problem is not None:
+                return Decision(
+                    allowed=False,
+                    http_status=401,
+                    reason=reasons.INSUFFICIENT_USER_AUTHENTICATION,
+                    subject=user.subject,
+                    groups=groups,
+                    matched_rule=str(allow),
+                    www_authenticate=mfa.challenge(REALM, problem),
+                    **seen,
+                )
+        if mfa is None or user is not None:
+            return Decision(
+                allowed=True,
+                http_status=200,
+                reason=reasons.ALLOWED,
+                subject=identities.subject,
+                groups=groups,
+                matched_rule=str(allow),
+                **seen,
+            )
+        # An MFA route allowed to a workload alone: it still needs a user's token.
     if user is None:
         return Decision(
             allowed=False,
@@ -174,8 +260,34 @@ def decide(
             **seen,
         )
     return Decision(
-        allowed=False, http_status=403, reason=reasons.FORBIDDEN, subject=user.subject, **seen
+        allowed=False,
+        http_status=403,
+        reason=reasons.FORBIDDEN,
+        subject=user.subject,
+        groups=groups,
+        **seen,
     )
+
+
+def _with_audit(decision: Decision, evaluation: Evaluation) -> Decision:
+    """Record the audited rules that applied, and whether enforcing them would change
+    the outcome (a dry-run deny on an allowed request, a dry-run allow on a request
+    denied for want of a grant)."""
+    audit = tuple(
+        f"{m.effect}:{m}" for m in (evaluation.audit_deny, evaluation.audit_allow) if m is not None
+    )
+    if not audit:
+        return decision
+    outcome = ""
+    if decision.allowed and evaluation.audit_deny is not None:
+        outcome = "would_deny"
+    elif (
+        not decision.allowed
+        and evaluation.audit_allow is not None
+        and decision.reason in (reasons.FORBIDDEN, reasons.MISSING_TOKEN)
+    ):
+        outcome = "would_allow"
+    return replace(decision, audit=audit, audit_outcome=outcome)
 
 
 def _auth_method(workload_method: str, user_method: str) -> str:

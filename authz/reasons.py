@@ -36,6 +36,11 @@ INVALID_API_KEY = "invalid_api_key"
 AMBIGUOUS_CREDENTIALS = "ambiguous_credentials"
 #: A valid identity without a permission for this method, path and service.
 FORBIDDEN = "forbidden"
+#: An enforced ``effect: deny`` binding applies (HTTP 403; deny rules win over allows).
+DENIED_BY_RULE = "denied_by_rule"
+#: Allowed by a rule, but the route demands stronger or fresher authentication than the
+#: token shows (``amr``/``acr``/``auth_time``): HTTP 401, RFC 9470 challenge.
+INSUFFICIENT_USER_AUTHENTICATION = "insufficient_user_authentication"
 #: The mTLS peer's principal is not a well-formed SPIFFE ID of the policy's trust
 #: domain (HTTP 403: the connection itself is not from a trusted workload).
 UNTRUSTED_WORKLOAD = "untrusted_workload"
@@ -68,6 +73,8 @@ ALL = frozenset(
         NO_ROUTE,
         MISSING_TOKEN,
         FORBIDDEN,
+        DENIED_BY_RULE,
+        INSUFFICIENT_USER_AUTHENTICATION,
         UNTRUSTED_WORKLOAD,
         MALFORMED_REQUEST,
         INTERNAL_ERROR,

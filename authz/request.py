@@ -51,6 +51,36 @@ class AuthzRequest:
     destination_port: int = 0
 
     @classmethod
+    def of(
+        cls,
+        method: str,
+        path: str,
+        *,
+        service: str = "",
+        route: str = "",
+        host: str = "",
+        headers: Mapping[str, str] | None = None,
+        source_principal: str = "",
+        source_ip: str = "",
+        destination_port: int = 0,
+    ) -> AuthzRequest:
+        """A request built from parts (CLIs, tests); absent parts are empty."""
+        return cls(
+            method=method.upper(),
+            path=path,
+            host=host,
+            headers=headers if headers is not None else {},
+            source_principal=source_principal,
+            route=route,
+            service=service,
+            gateway="",
+            proxy_policy_version="",
+            request_id="",
+            source_ip=source_ip,
+            destination_port=destination_port,
+        )
+
+    @classmethod
     def from_check_request(cls, message: external_auth_pb2.CheckRequest) -> AuthzRequest:
         """Parse the parts of a ``CheckRequest`` that authz uses."""
         attributes = message.attributes

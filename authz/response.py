@@ -1,15 +1,19 @@
 """Decision → ``CheckResponse``, as Envoy's ext_authz filter reads it.
 
-- Allow: ``status.code = OK`` and ``ok_response.headers`` adding
-  ``x-meshward-subject`` (the user's subject, else the peer's SPIFFE ID),
-  ``x-meshward-decision-id`` and, when the peer has a workload identity,
-  ``x-meshward-workload`` (its SPIFFE ID) to the upstream request with
-  ``append_action = OVERWRITE_IF_EXISTS_OR_ADD``: a client-supplied value is replaced,
-  never passed along (the default append action would *append*, letting a client
-  smuggle an identity). Without a workload identity a client-supplied
-  ``x-meshward-workload`` is removed (``headers_to_remove``) for the same reason.
+- Allow: ``status.code = OK`` and ``ok_response.headers`` adding, with the header
+  names of the policy's ``responses`` section (:class:`~meshward.policy.model.
+  Responses`; an empty name is not sent): the subject (the user's, else the peer's
+  SPIFFE ID; default ``x-meshward-subject``), the user's groups joined by ``,``
+  (``x-meshward-groups``; a group that contains ``,`` or a control character is left
+  out, so the list stays unambiguous), the peer's SPIFFE ID (``x-meshward-workload``),
+  and always ``x-meshward-decision-id`` — each with ``append_action =
+  OVERWRITE_IF_EXISTS_OR_ADD``: a client-supplied value is replaced, never passed
+  along (the default append action would *append*, letting a client smuggle an
+  identity). When there is nothing to send (no groups, no workload) a client-supplied
+  header of that name is removed (``headers_to_remove``) for the same reason.
   API keys are meshward's credential, not the upstream's: ``x-api-key`` is always
-  removed, and so is ``Authorization`` when it carried the API key.
+  removed, and so is ``Authorization`` when it carried the API key or when
+  ``remove_authorization`` is set.
 - Deny: ``status.code = UNAUTHENTICATED`` (16) for 401s, ``PERMISSION_DENIED`` (7)
   otherwise, and ``denied_response`` with the HTTP status, ``content-type:
   application/json``, the body ``{"decision":"deny","reason":…,"decision_id":…}``
@@ -26,6 +30,7 @@ from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import status_pb2
 
 from authz.decision import Decision
+from meshward.policy.model import Responses
 
 SUBJECT_HEADER = "x-meshward-subject"
 DECISION_ID_HEADER = "x-meshward-decision-id"
@@ -46,6 +51,10 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
+def _groups_value(groups: tuple[str, ...]) -> str:
+    return ",".join(g for g in groups if "," not in g and g.isprintable())
+
+
 def deny_body(decision: Decision) -> str:
     """The exact deny body: compact JSON, three keys, in this order."""
     return json.dumps(
@@ -54,19 +63,28 @@ def deny_body(decision: Decision) -> str:
     )
 
 
-def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
+_DEFAULT_RESPONSES = Responses()
+
+
+def to_check_response(
+    decision: Decision, responses: Responses = _DEFAULT_RESPONSES
+) -> external_auth_pb2.CheckResponse:
     """The ``CheckResponse`` that tells Envoy what to do with the request."""
     if decision.allowed:
-        headers = [
-            _header(SUBJECT_HEADER, decision.subject),
-            _header(DECISION_ID_HEADER, decision.decision_id),
-        ]
+        headers = [_header(DECISION_ID_HEADER, decision.decision_id)]
         remove = [API_KEY_HEADER]
-        if decision.workload:
-            headers.append(_header(WORKLOAD_HEADER, decision.workload))
-        else:
-            remove.append(WORKLOAD_HEADER)
-        if "api_key" in decision.auth_method:
+        for name, value in (
+            (responses.subject_header, decision.subject),
+            (responses.groups_header, _groups_value(decision.groups)),
+            (responses.workload_header, decision.workload),
+        ):
+            if not name:
+                continue
+            if value:
+                headers.append(_header(name, value))
+            else:
+                remove.append(name)
+        if responses.remove_authorization or "api_key" in decision.auth_method:
             remove.append("authorization")
         ok = external_auth_pb2.OkHttpResponse(headers=headers, headers_to_remove=remove)
         return external_auth_pb2.CheckResponse(

@@ -21,6 +21,7 @@ import difflib
 import ipaddress
 import json
 import re
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,19 +30,32 @@ from typing import Any, TypeVar
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from meshward.policy.errors import PolicyError, PolicyIssue
+from meshward.policy.matching import (
+    cidr_problem,
+    header_name_problem,
+    host_pattern_problem,
+    normalize_cidr,
+    path_pattern_problem,
+)
 from meshward.policy.model import (
+    EFFECTS,
     HTTP_METHODS,
     JWT_ALGORITHMS,
+    MODES,
     TLS_VERSIONS,
     ApiKey,
     Binding,
+    ClaimCondition,
     Endpoint,
     Gateway,
     GatewayTls,
+    HeaderMatch,
     Issuer,
     Mesh,
+    MfaRequirement,
     Permission,
     Policy,
+    Responses,
     Role,
     Route,
     RouteMatch,
@@ -58,7 +72,6 @@ _HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}$)([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)"
     r"(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*$"
 )
-_HOST_PATTERN_RE = re.compile(r"^(\*\.)?[a-zA-Z0-9.-]+$|^\*$")
 #: Gateway names are Envoy node groups; this prefix is kept for meshward's own groups
 #: (``meshward-authz``: authz replicas fetching the policy over ADS).
 RESERVED_GROUP_PREFIX = "meshward-"
@@ -71,6 +84,7 @@ _TOP_LEVEL = (
     "bindings",
     "api_keys",
     "api_keys_file",
+    "responses",
     "default",
 )
 _SHA256_HEX_RE = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -79,7 +93,14 @@ _SPIFFE_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
+_BOOL = "tag:yaml.org,2002:bool"
 _NULL = "tag:yaml.org,2002:null"
+#: Headers ``responses.headers`` may not name: Envoy's, the credential's, meshward's own.
+_RESERVED_RESPONSE_HEADERS = frozenset(
+    {"authorization", "host", "content-length", "content-type", "te", "connection",
+     "transfer-encoding", "x-api-key", "x-meshward-decision-id", "x-request-id",
+     "x-forwarded-client-cert", "x-forwarded-for", "traceparent", "tracestate"}
+)  # fmt: skip
 
 
 def load_policy(path: str | Path) -> Policy:
@@ -141,6 +162,9 @@ class _Reader:
     api_keys: list[_Named] = field(default_factory=list)
     default: tuple[str, Source] | None = None
     mesh: tuple[Mesh, Source] | None = None
+    responses: tuple[Responses, Source] | None = None
+    # min_acr values routes demand: checked against the issuers' acr_levels at the end.
+    acr_refs: list[tuple[str, Source, str]] = field(default_factory=list)
     # References to check once every file is read: (kind, name, source, what).
     service_refs: list[tuple[str, Source, str]] = field(default_factory=list)
     role_refs: list[tuple[str, Source, str]] = field(default_factory=list)
@@ -189,6 +213,7 @@ class _Reader:
             "api_keys_file": self.read_api_keys_file,
             "default": self.read_default,
             "mesh": self.read_mesh,
+            "responses": self.read_responses,
         }
         for key, (_, value) in top.items():
             section_readers[key](value)
@@ -271,6 +296,19 @@ class _Reader:
         value = int(node.value.replace("_", ""), 0)
         if not low <= value <= high:
             self.error(node, f"{what}: {value} is out of range; use {low}..{high}")
+            return None
+        return value
+
+    def boolean(self, node: Node, what: str) -> bool | None:
+        if not isinstance(node, ScalarNode) or node.tag != _BOOL:
+            self.error(node, f"{what}: expected true or false, got {_kind(node)}")
+            return None
+        return str(node.value).lower() in ("true", "yes", "on")
+
+    def choice(self, node: Node, what: str, options: tuple[str, ...]) -> str | None:
+        value = self.string(node, what)
+        if value is not None and value not in options:
+            self.error(node, f"{what}: '{value}' is not one of: {', '.join(options)}")
             return None
         return value
 
@@ -441,7 +479,10 @@ class _Reader:
 
     def read_route(self, node: Node, what: str) -> Route | None:
         fields = self.mapping(
-            node, what, allowed=("name", "match", "service"), required=("name", "match", "service")
+            node,
+            what,
+            allowed=("name", "match", "service", "mfa"),
+            required=("name", "match", "service"),
         )
         if fields is None:
             return None
@@ -454,9 +495,38 @@ class _Reader:
                 self.service_refs.append(
                     (service, self.src(fields["service"][1]), f"{what}.service")
                 )
-        if name is None or match is None or service is None:
+        mfa = self.read_mfa(fields["mfa"][1], f"{what}.mfa") if "mfa" in fields else None
+        if name is None or match is None or service is None or (mfa is None and "mfa" in fields):
             return None
-        return Route(name, match, service, source=self.src(node))
+        return Route(name, match, service, mfa=mfa, source=self.src(node))
+
+    def read_mfa(self, node: Node, what: str) -> MfaRequirement | None:
+        """``{amr: [..], min_acr: level, max_age_seconds: n}``: what the route demands."""
+        fields = self.mapping(node, what, allowed=("amr", "min_acr", "max_age_seconds"))
+        if fields is None:
+            return None
+        amr: tuple[str, ...] = ()
+        if "amr" in fields:
+            amr = tuple(dict.fromkeys(a for a, _ in self.strings(fields["amr"][1], f"{what}.amr")))
+        min_acr = ""
+        if "min_acr" in fields:
+            min_acr = self.string(fields["min_acr"][1], f"{what}.min_acr") or ""
+            if min_acr:
+                self.acr_refs.append((min_acr, self.src(fields["min_acr"][1]), f"{what}.min_acr"))
+        max_age = 0
+        if "max_age_seconds" in fields:
+            max_age = (
+                self.integer(fields["max_age_seconds"][1], f"{what}.max_age_seconds", 1, 86400 * 30)
+                or 0
+            )
+        if not amr and not min_acr:
+            self.error(
+                node,
+                f"{what}: demands nothing; list 'amr' methods (like [mfa, otp, hwk]) "
+                "and/or a 'min_acr' level",
+            )
+            return None
+        return MfaRequirement(amr=amr, min_acr=min_acr, max_age_seconds=max_age)
 
     def read_match(self, node: Node, what: str) -> RouteMatch | None:
         fields = self.mapping(node, what, allowed=("prefix", "path", "hosts", "methods"))
@@ -476,12 +546,9 @@ class _Reader:
         for host, host_node in (
             self.strings(fields["hosts"][1], f"{what}.hosts") if "hosts" in fields else []
         ):
-            if not _HOST_PATTERN_RE.match(host):
-                self.error(
-                    host_node,
-                    f"{what}.hosts: '{host}' is not a host name "
-                    "(use 'api.example.com', '*.example.com' or '*')",
-                )
+            problem = host_pattern_problem(host)
+            if problem:
+                self.error(host_node, f"{what}.hosts: '{host}' {problem}")
             elif host not in hosts:
                 hosts.append(host.lower())
         if "*" in hosts:
@@ -507,12 +574,17 @@ class _Reader:
                 "issuer",
                 "audiences",
                 "jwks_file",
+                "jwks_uri",
+                "jwks_ca_file",
+                "jwks_refresh_seconds",
+                "jwks_min_refresh_seconds",
                 "algorithms",
                 "subject_claim",
                 "groups_claim",
                 "clock_skew_seconds",
+                "acr_levels",
             ),
-            required=("name", "issuer", "audiences", "jwks_file"),
+            required=("name", "issuer", "audiences"),
         )
         if fields is None:
             return None
@@ -544,29 +616,37 @@ class _Reader:
         for key in ("subject_claim", "groups_claim"):
             if key in fields:
                 claims[key] = self.string(fields[key][1], f"{what}.{key}")
-        clock_skew: int | None = 30
-        if "clock_skew_seconds" in fields:
-            clock_skew = self.integer(
-                fields["clock_skew_seconds"][1], f"{what}.clock_skew_seconds", 0, 300
+        ints: dict[str, int | None] = {
+            "clock_skew_seconds": 30,
+            "jwks_refresh_seconds": 300,
+            "jwks_min_refresh_seconds": 10,
+        }
+        ranges = {
+            "clock_skew_seconds": (0, 300),
+            "jwks_refresh_seconds": (10, 86400),
+            "jwks_min_refresh_seconds": (0, 3600),
+        }
+        for key, (low, high) in ranges.items():
+            if key in fields:
+                ints[key] = self.integer(fields[key][1], f"{what}.{key}", low, high)
+        acr_levels: tuple[str, ...] = ()
+        if "acr_levels" in fields:
+            acr_levels = tuple(
+                dict.fromkeys(
+                    a for a, _ in self.strings(fields["acr_levels"][1], f"{what}.acr_levels")
+                )
             )
-        jwks: dict[str, Any] | None = None
-        jwks_file = ""
-        if "jwks_file" in fields:
-            jwks_node = fields["jwks_file"][1]
-            rel = self.string(jwks_node, f"{what}.jwks_file")
-            if rel is not None:
-                resolved = Path(self.file).parent / rel
-                jwks_file = str(resolved)
-                jwks = self.read_jwks(resolved, jwks_node, f"{what}.jwks_file")
+        keys = self.read_issuer_keys(node, fields, what)
         if (
             name is None
             or issuer is None
-            or jwks is None
+            or keys is None
             or not audiences
             or None in claims.values()
-            or clock_skew is None
+            or None in ints.values()
         ):
             return None
+        jwks, jwks_file, jwks_uri, jwks_ca_pem = keys
         return _Named(
             Issuer(
                 name=name,
@@ -577,11 +657,91 @@ class _Reader:
                 algorithms=algorithms,
                 subject_claim=claims.get("subject_claim") or "sub",
                 groups_claim=claims.get("groups_claim") or "groups",
-                clock_skew_seconds=clock_skew,
+                clock_skew_seconds=ints["clock_skew_seconds"] or 0,
+                jwks_uri=jwks_uri,
+                jwks_ca_pem=jwks_ca_pem,
+                jwks_refresh_seconds=ints["jwks_refresh_seconds"] or 300,
+                jwks_min_refresh_seconds=ints["jwks_min_refresh_seconds"] or 0,
+                acr_levels=acr_levels,
                 source=self.src(node),
             ),
             self.src(node),
         )
+
+    def read_issuer_keys(
+        self, node: Node, fields: dict[str, tuple[Node, Node]], what: str
+    ) -> tuple[dict[str, Any], str, str, str] | None:
+        """Exactly one of ``jwks_file`` (read now) and ``jwks_uri`` (fetched by authz):
+        ``(jwks, jwks_file, jwks_uri, jwks_ca_pem)``."""
+        if ("jwks_file" in fields) == ("jwks_uri" in fields):
+            self.error(
+                node,
+                f"{what}: set exactly one of 'jwks_file' (a JWKS file next to the policy) "
+                "or 'jwks_uri' (an HTTPS URL authz fetches the keys from)",
+            )
+            return None
+        if "jwks_file" in fields:
+            for key in ("jwks_ca_file", "jwks_refresh_seconds", "jwks_min_refresh_seconds"):
+                if key in fields:
+                    self.error(fields[key][0], f"{what}.{key}: only applies with 'jwks_uri'")
+            jwks_node = fields["jwks_file"][1]
+            rel = self.string(jwks_node, f"{what}.jwks_file")
+            if rel is None:
+                return None
+            resolved = Path(self.file).parent / rel
+            jwks = self.read_jwks(resolved, jwks_node, f"{what}.jwks_file")
+            return None if jwks is None else (jwks, str(resolved), "", "")
+        uri_node = fields["jwks_uri"][1]
+        uri = self.string(uri_node, f"{what}.jwks_uri")
+        if uri is not None:
+            parsed = urllib.parse.urlsplit(uri)
+            if parsed.scheme != "https" or not parsed.hostname:
+                self.error(
+                    uri_node,
+                    f"{what}.jwks_uri: '{uri}' is not an https:// URL; keys must be fetched "
+                    "over verified TLS (use the issuer's https JWKS endpoint)",
+                )
+                uri = None
+            elif parsed.username or parsed.password:
+                self.error(uri_node, f"{what}.jwks_uri: must not carry credentials")
+                uri = None
+        ca_pem = ""
+        if "jwks_ca_file" in fields:
+            ca_node = fields["jwks_ca_file"][1]
+            rel = self.string(ca_node, f"{what}.jwks_ca_file")
+            if rel is None:
+                return None
+            ca_pem = self.read_ca_bundle(Path(self.file).parent / rel, ca_node, what) or ""
+            if not ca_pem:
+                return None
+        return None if uri is None else ({}, "", uri, ca_pem)
+
+    def read_ca_bundle(self, path: Path, node: Node, what: str) -> str | None:
+        """A PEM file of CA certificates (checked to parse), as text."""
+        try:
+            text = path.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.error(
+                node,
+                f"{what}.jwks_ca_file: cannot read {path}: {reason}; give the PEM file of "
+                "the CA that signed the JWKS server's certificate (relative to this file)",
+            )
+            return None
+        from cryptography import x509  # local: keeps `meshward check` start-up light
+
+        try:
+            certs = x509.load_pem_x509_certificates(text.encode())
+        except ValueError:
+            certs = []
+        if not certs:
+            self.error(
+                node,
+                f"{what}.jwks_ca_file: {path} holds no PEM certificate; it must contain "
+                "'-----BEGIN CERTIFICATE-----' blocks",
+            )
+            return None
+        return text
 
     def read_jwks(self, path: Path, node: Node, what: str) -> dict[str, Any] | None:
         """Read and check a JWKS: JSON, a non-empty ``keys`` list of public RSA/EC keys."""
@@ -732,7 +892,10 @@ class _Reader:
 
     def read_permission(self, node: Node, what: str) -> Permission | None:
         fields = self.mapping(
-            node, what, allowed=("methods", "paths", "services"), required=("paths",)
+            node,
+            what,
+            allowed=("methods", "paths", "hosts", "ports", "headers", "services"),
+            required=("paths",),
         )
         if fields is None:
             return None
@@ -743,28 +906,88 @@ class _Reader:
         for pattern, pnode in (
             self.strings(fields["paths"][1], f"{what}.paths") if "paths" in fields else []
         ):
-            if pattern != "*" and (not pattern.startswith("/") or "*" in pattern[:-1]):
-                self.error(
-                    pnode,
-                    f"{what}.paths: '{pattern}' is not a path pattern; use an "
-                    "exact path ('/orders'), a prefix ending in '*' ('/orders/*') or '*'",
-                )
-            else:
+            problem = path_pattern_problem(pattern)
+            if problem:
+                self.error(pnode, f"{what}.paths: '{pattern}' {problem}")
+            elif pattern not in paths:
                 paths.append(pattern)
+        hosts: list[str] = []
+        for host, hnode in (
+            self.strings(fields["hosts"][1], f"{what}.hosts") if "hosts" in fields else []
+        ):
+            problem = host_pattern_problem(host)
+            if problem:
+                self.error(hnode, f"{what}.hosts: '{host}' {problem}")
+            elif host.lower() not in hosts:
+                hosts.append(host.lower())
+        if "*" in hosts:
+            hosts = []
+        ports: list[int] = []
+        if "ports" in fields:
+            for i, pnode in enumerate(self.sequence(fields["ports"][1], f"{what}.ports") or []):
+                port = self.integer(pnode, f"{what}.ports[{i}]", 1, 65535)
+                if port is not None and port not in ports:
+                    ports.append(port)
+        headers = self.read_header_matches(fields["headers"][1], f"{what}.headers") if (
+            "headers" in fields
+        ) else ()  # fmt: skip
         services = []
         if "services" in fields:
             for svc, snode in self.strings(fields["services"][1], f"{what}.services"):
                 self.service_refs.append((svc, self.src(snode), f"{what}.services"))
                 services.append(svc)
-        if not paths:
+        if not paths or headers is None:
             return None
-        return Permission(methods=methods, paths=tuple(paths), services=tuple(services))
+        return Permission(
+            methods=methods,
+            paths=tuple(paths),
+            services=tuple(services),
+            hosts=tuple(hosts),
+            ports=tuple(ports),
+            headers=headers,
+        )
+
+    def read_header_matches(self, node: Node, what: str) -> tuple[HeaderMatch, ...] | None:
+        """``{name: value-pattern}``: headers a request must carry."""
+        if not isinstance(node, MappingNode):
+            self.error(
+                node,
+                f"{what}: expected a mapping of header name to value ('*': present, "
+                f"'prefix*', or an exact value), got {_kind(node)}",
+            )
+            return None
+        out: dict[str, HeaderMatch] = {}
+        for key_node, value_node in node.value:
+            name = self.string(key_node, f"{what} key")
+            value = self.string(value_node, f"{what}.{name}")
+            if name is None or value is None:
+                continue
+            name = name.lower()
+            problem = header_name_problem(name)
+            if problem:
+                self.error(key_node, f"{what}: '{name}' {problem}")
+            elif name in out:
+                self.error(key_node, f"{what}: header '{name}' listed twice; keep one")
+            else:
+                out[name] = HeaderMatch(name, value)
+        return tuple(out.values())
 
     def read_binding(self, node: Node, what: str) -> _Named | None:
         fields = self.mapping(
             node,
             what,
-            allowed=("name", "role", "subjects", "groups", "workloads"),
+            allowed=(
+                "name",
+                "role",
+                "subjects",
+                "groups",
+                "workloads",
+                "effect",
+                "mode",
+                "source_ips",
+                "not_source_ips",
+                "claims",
+            ),
             required=("name", "role"),
         )
         if fields is None:
@@ -791,18 +1014,150 @@ class _Reader:
                     self.error(pnode, f"{what}.workloads: '{pattern}' {problem}")
                 else:
                     workloads.append(pattern)
-        if not subjects and not groups and not workloads:
+        effect = self.choice(fields["effect"][1], f"{what}.effect", EFFECTS) if (
+            "effect" in fields
+        ) else "allow"  # fmt: skip
+        mode = self.choice(fields["mode"][1], f"{what}.mode", MODES) if (
+            "mode" in fields
+        ) else "enforce"  # fmt: skip
+        cidrs: dict[str, tuple[str, ...]] = {}
+        for key in ("source_ips", "not_source_ips"):
+            found = []
+            for value, vnode in (
+                self.strings(fields[key][1], f"{what}.{key}") if key in fields else []
+            ):
+                problem = cidr_problem(value)
+                if problem:
+                    self.error(vnode, f"{what}.{key}: '{value}' {problem}")
+                else:
+                    found.append(normalize_cidr(value))
+            cidrs[key] = tuple(dict.fromkeys(found))
+        claims = self.read_claim_conditions(fields["claims"][1], f"{what}.claims") if (
+            "claims" in fields
+        ) else ()  # fmt: skip
+        if not subjects and not groups and not workloads and effect != "deny":
             self.error(
                 node,
-                f"{what}: grants its role to nobody; list 'subjects', 'groups' and/or 'workloads'",
+                f"{what}: grants its role to nobody; list 'subjects', 'groups' and/or "
+                "'workloads' (only a deny binding may name none: it then applies to everyone)",
             )
             return None
-        if name is None or role is None:
+        if name is None or role is None or effect is None or mode is None or claims is None:
             return None
         return _Named(
-            Binding(name, role, subjects, groups, tuple(workloads), source=self.src(node)),
+            Binding(
+                name,
+                role,
+                subjects,
+                groups,
+                tuple(workloads),
+                effect=effect,
+                mode=mode,
+                source_ips=cidrs["source_ips"],
+                not_source_ips=cidrs["not_source_ips"],
+                claims=claims,
+                source=self.src(node),
+            ),
             self.src(node),
         )
+
+    def read_claim_conditions(self, node: Node, what: str) -> tuple[ClaimCondition, ...] | None:
+        """``{claim.path: value | [values]}``; scalars may be strings, numbers or booleans."""
+        if not isinstance(node, MappingNode):
+            self.error(
+                node,
+                f"{what}: expected a mapping of claim path to accepted value(s), like "
+                "'{realm_access.roles: [admin]}', got " + _kind(node),
+            )
+            return None
+        out: list[ClaimCondition] = []
+        for key_node, value_node in node.value:
+            path = self.string(key_node, f"{what} key")
+            if path is None:
+                continue
+            items = value_node.value if isinstance(value_node, SequenceNode) else [value_node]
+            values = []
+            for item in items:
+                if isinstance(item, ScalarNode) and item.tag in (_STR, _INT, _BOOL) and item.value:
+                    text = str(item.value)
+                    values.append(text.lower() if item.tag == _BOOL else text)
+                else:
+                    self.error(
+                        item,
+                        f"{what}.{path}: expected a string, number or boolean, got {_kind(item)}",
+                    )
+            if not values:
+                if isinstance(value_node, SequenceNode) and not value_node.value:
+                    self.error(value_node, f"{what}.{path}: list at least one accepted value")
+                continue
+            out.append(ClaimCondition(path, tuple(dict.fromkeys(values))))
+        return tuple(out)
+
+    def read_responses(self, node: Node) -> None:
+        """``responses: {headers: {subject|groups|workload: name|null}, remove_authorization}``."""
+        fields = self.mapping(node, "responses", allowed=("headers", "remove_authorization"))
+        if fields is None:
+            return
+        if self.responses is not None:
+            self.error(node, f"responses: set again (first at {self.responses[1]}); keep one")
+            return
+        defaults = Responses()
+        names = {
+            "subject": defaults.subject_header,
+            "groups": defaults.groups_header,
+            "workload": defaults.workload_header,
+        }
+        ok = True
+        if "headers" in fields:
+            headers = self.mapping(
+                fields["headers"][1], "responses.headers", allowed=("subject", "groups", "workload")
+            )
+            for key, (_, value_node) in (headers or {}).items():
+                if isinstance(value_node, ScalarNode) and value_node.tag == _NULL:
+                    names[key] = ""  # not sent
+                    continue
+                value = self.string(value_node, f"responses.headers.{key}")
+                if value is None:
+                    ok = False
+                    continue
+                value = value.lower()
+                problem = header_name_problem(value)
+                if problem or value.startswith(":"):
+                    self.error(
+                        value_node,
+                        f"responses.headers.{key}: '{value}' {problem or 'is a pseudo-header'}",
+                    )
+                    ok = False
+                elif value in _RESERVED_RESPONSE_HEADERS:
+                    self.error(
+                        value_node,
+                        f"responses.headers.{key}: '{value}' is reserved (a credential, "
+                        "transport or meshward header); pick another name like 'x-user'",
+                    )
+                    ok = False
+                else:
+                    names[key] = value
+            sent = [n for n in names.values() if n]
+            if len(sent) != len(set(sent)):
+                self.error(
+                    fields["headers"][1], "responses.headers: each fact needs its own header name"
+                )
+                ok = False
+        remove = False
+        if "remove_authorization" in fields:
+            flag = self.boolean(fields["remove_authorization"][1], "responses.remove_authorization")
+            ok = ok and flag is not None
+            remove = bool(flag)
+        if ok:
+            self.responses = (
+                Responses(
+                    subject_header=names["subject"],
+                    groups_header=names["groups"],
+                    workload_header=names["workload"],
+                    remove_authorization=remove,
+                ),
+                self.src(node),
+            )
 
     def read_mesh(self, node: Node) -> None:
         fields = self.mapping(node, "mesh", allowed=("trust_domain", "namespace"))
@@ -932,6 +1287,14 @@ class _Reader:
                     f"{what}: service '{ref}' is not defined; define it under "
                     f"'services' or use one of: {_names(service_names)}",
                 )
+        acr_known = {level for iss in issuers for level in iss.acr_levels}
+        for level, source, what in self.acr_refs:
+            if level not in acr_known:
+                self.error(
+                    source,
+                    f"{what}: '{level}' is in no issuer's 'acr_levels'; list the issuer's acr "
+                    "values, lowest first, under 'acr_levels' so a minimum can be compared",
+                )
         role_names = {r.name for r in roles}
         for ref, source, what in self.role_refs:
             if ref not in role_names:
@@ -951,6 +1314,7 @@ class _Reader:
             api_keys=tuple(api_keys),
             default_action="deny",
             mesh=self.mesh[0] if self.mesh else Mesh(),
+            responses=self.responses[0] if self.responses else Responses(),
             files=files,
         )
 

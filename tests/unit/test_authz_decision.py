@@ -471,7 +471,8 @@ def test_allow_response_sets_workload_header_overwriting_the_client(
         "x-meshward-decision-id": (decision.decision_id, OVERWRITE),
         "x-meshward-workload": (ORDERS, OVERWRITE),
     }
-    assert list(response.ok_response.headers_to_remove) == ["x-api-key"]  # never forwarded
+    # never forwarded: the API key header, and a client's groups when there are none
+    assert list(response.ok_response.headers_to_remove) == ["x-api-key", "x-meshward-groups"]
     both = decide_for(
         mesh,
         testing.check_request(
@@ -481,6 +482,7 @@ def test_allow_response_sets_workload_header_overwriting_the_client(
     values = headers_of(to_check_response(both).ok_response.headers)
     assert values["x-meshward-subject"] == ("dave", OVERWRITE)
     assert values["x-meshward-workload"] == (CONSOLE, OVERWRITE)
+    assert values["x-meshward-groups"] == ("ops", OVERWRITE)
 
 
 def test_allow_without_workload_removes_a_client_workload_header(
@@ -492,4 +494,8 @@ def test_allow_without_workload_removes_a_client_workload_header(
     )
     assert response.status.code == 0
     assert "x-meshward-workload" not in headers_of(response.ok_response.headers)
-    assert list(response.ok_response.headers_to_remove) == ["x-api-key", "x-meshward-workload"]
+    assert list(response.ok_response.headers_to_remove) == [
+        "x-api-key",
+        "x-meshward-groups",
+        "x-meshward-workload",
+    ]
