@@ -12,8 +12,14 @@ restart), requiring a client certificate with a SPIFFE ID of the trust domain
 (:mod:`authz.transport`). With ``--policy`` it serves plaintext unless
 ``--tls-cert``, ``--tls-key`` and ``--tls-ca`` are given (static mTLS, same checks).
 
+Decision log (:mod:`authz.decision_log`): by default one JSON line per decision on
+stderr among the process log; ``--decision-log -`` puts exactly one compact JSON line
+per decision on stdout, ``--decision-log PATH`` appends them to a file (created 0600)
+rotated at ``--decision-log-max-bytes`` keeping ``--decision-log-backups`` old files.
+
 Exit codes: 0 after a clean stop, 2 for input errors (policy rejected, bad flags),
-1 when the service cannot start (address in use, broken install). SIGHUP reloads the
+1 when the service cannot start (address in use, decision log not writable, broken
+install). SIGHUP reloads the
 policy directory (ignored with ``--xds``); a policy that does not load is logged and
 the last good one keeps serving. ``/status`` shows the policy version and source.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import logging
 import queue
+import re
 import signal
 import sys
 from types import FrameType
@@ -41,6 +48,41 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+#: The smallest --decision-log-max-bytes (a file must hold a few whole lines).
+MIN_DECISION_LOG_BYTES = 4096
+MAX_DECISION_LOG_BACKUPS = 100
+_SIZE = re.compile(r"(\d+)\s*(k|kib|m|mib|g|gib)?", re.IGNORECASE)
+_UNIT = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _log_bytes(text: str) -> int:
+    """A size in bytes, optionally with a binary unit: ``4096``, ``512KiB``, ``100M``."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: give bytes, or a number with KiB, MiB or GiB"
+        )
+    unit = (match.group(2) or "")[:1].lower()
+    value = int(match.group(1)) * _UNIT.get(unit, 1)
+    if value < MIN_DECISION_LOG_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_DECISION_LOG_BYTES} bytes, not {value}"
+        )
+    return value
+
+
+def _log_backups(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= MAX_DECISION_LOG_BACKUPS:
+        raise argparse.ArgumentTypeError(
+            f"must be between 0 and {MAX_DECISION_LOG_BACKUPS}, not {value}"
+        )
     return value
 
 
@@ -97,6 +139,30 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+    parser.add_argument(
+        "--decision-log",
+        default=None,
+        metavar="{-|PATH}",
+        help="where the one-JSON-line-per-decision audit log goes: '-' for stdout (only "
+        "decision lines there), or a file to append to (created 0600, rotated by size). "
+        "Default: stderr, among the process log lines",
+    )
+    parser.add_argument(
+        "--decision-log-max-bytes",
+        type=_log_bytes,
+        default=None,
+        metavar="SIZE",
+        help="with --decision-log PATH: rotate before the file would exceed SIZE bytes "
+        f"(KiB/MiB/GiB allowed; at least {MIN_DECISION_LOG_BYTES}; default 100MiB)",
+    )
+    parser.add_argument(
+        "--decision-log-backups",
+        type=_log_backups,
+        default=None,
+        metavar="N",
+        help="with --decision-log PATH: rotated files to keep, PATH.1 … PATH.N "
+        f"(0-{MAX_DECISION_LOG_BACKUPS}; default 5)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -134,6 +200,14 @@ def run(args: argparse.Namespace) -> int:
     if any(tls_files) and not all(tls_files):
         print("meshward authz: give --tls-cert, --tls-key and --tls-ca together", file=sys.stderr)
         return 2
+    rotation = (args.decision_log_max_bytes, args.decision_log_backups)
+    if any(v is not None for v in rotation) and args.decision_log in (None, "-"):
+        print(
+            "meshward authz: --decision-log-max-bytes/--decision-log-backups only apply "
+            "with --decision-log PATH",
+            file=sys.stderr,
+        )
+        return 2
     from pathlib import Path
 
     from authz.transport import ServerTls, TlsMaterialError, load_pem_files
@@ -163,12 +237,32 @@ def run(args: argparse.Namespace) -> int:
         print(f"meshward authz: {error}", file=sys.stderr)
         return 1
 
+    from authz.decision_log import (
+        DEFAULT_BACKUPS,
+        DEFAULT_MAX_BYTES,
+        DecisionLog,
+        DecisionLogError,
+    )
+
+    try:
+        decision_log = DecisionLog(
+            destination=args.decision_log,
+            max_bytes=args.decision_log_max_bytes or DEFAULT_MAX_BYTES,
+            backups=(
+                DEFAULT_BACKUPS if args.decision_log_backups is None else args.decision_log_backups
+            ),
+        )
+    except DecisionLogError as error:
+        provider.shutdown()
+        print(f"meshward authz: {error}", file=sys.stderr)
+        return 1
     service = AuthzService(
         policy,  # None with --xds: fail closed until the xDS server sends one
         provider.get_tracer("meshward.authz"),
         listen=args.listen,
         workers=args.workers,
         tls=tls,
+        decision_log=decision_log,
     )
     xds: XdsPolicySource | None = None
 
@@ -214,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
                 "xds": args.xds,
                 "node": xds.node.id if xds is not None else None,
                 "transport": "mtls" if tls is not None else "plaintext",
+                "decision_log": decision_log.destination,
             },
         )
         while True:
@@ -233,6 +328,7 @@ def run(args: argparse.Namespace) -> int:
         if xds is not None:
             xds.stop()
         service.stop(SHUTDOWN_GRACE)
+        decision_log.close()  # flushed by stop() once serving; here also when start failed
         status.stop()
         provider.shutdown()  # flushes batched spans
         _restore_signal_handlers(previous)

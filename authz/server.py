@@ -84,6 +84,7 @@ class AuthzService:
         registry: CollectorRegistry | None = None,
         *,
         tls: ServerTls | None = None,
+        decision_log: DecisionLog | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
@@ -92,7 +93,8 @@ class AuthzService:
         self._listen = listen
         self._workers = workers
         self._policy = policy
-        self._decision_log = DecisionLog()
+        # The caller's (``meshward authz --decision-log``), else the logger; closed by stop().
+        self._decision_log = decision_log if decision_log is not None else DecisionLog()
         compiled = compile_policy(policy) if policy is not None else None
         self._checker = Checker(compiled, tracer, self._metrics, self._decision_log)
         if policy is not None:

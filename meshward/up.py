@@ -6,7 +6,8 @@ xDS) and a demo upstream for each service whose endpoints are on loopback. Infra
 (xDS, authz, status, Envoy admin) are picked free on 127.0.0.1; gateway and service
 ports come from the policy. Once every part reports ready it prints the gateway URLs
 and ready-to-paste ``curl`` commands with demo tokens, then one line per authz
-decision. Ctrl-C (or SIGTERM) stops every process it started.
+decision (read back from authz's decision log, ``<state-dir>/logs/decisions.jsonl``).
+Ctrl-C (or SIGTERM) stops every process it started.
 """
 
 from __future__ import annotations
@@ -113,6 +114,15 @@ def run(args: argparse.Namespace) -> int:
     sup = Supervisor(on_line=_LineRouter(say, args.quiet_decisions), on_event=say.event)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    follower = None
+    if not args.quiet_decisions:
+        from authz.decision_log import DecisionLogFollower
+
+        # Started before authz: what an earlier run left in the file is not shown.
+        follower = DecisionLogFollower(
+            decision_log_path(args.state_dir), lambda line: _print_decision(say, line)
+        )
+        follower.start()
     try:
         _start_all(sup, args, policy, ports, envoy)
         if not _wait_ready(sup, policy, ports, args.ready_timeout, say):
@@ -131,8 +141,25 @@ def run(args: argparse.Namespace) -> int:
         say.event("stopping every process meshward up started ...")
         say.stopping = True
         sup.stop()
+        if follower is not None:
+            follower.stop()
         say.event("stopped")
     return 0
+
+
+def decision_log_path(state_dir: Path, replica: str = "authz") -> Path:
+    """An authz replica's decision log (a file per replica: two writers never share one)."""
+    name = "decisions.jsonl" if replica == "authz" else f"decisions-{replica}.jsonl"
+    return state_dir / "logs" / name
+
+
+def _print_decision(say: _Printer, line: str) -> None:
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return
+    if isinstance(rec, dict):
+        say.decision(format_decision(rec))
 
 
 def _demo_key(args: argparse.Namespace) -> DemoKey:
@@ -219,7 +246,8 @@ def _start_all(
             [*py, "authz", "--xds", f"127.0.0.1:{ports.xds}", "--node-id", "authz-local",
              "--listen", f"127.0.0.1:{ports.authz}",
              "--status-listen", f"127.0.0.1:{ports.authz_status}",
-             "--workers", str(args.authz_workers)],
+             "--workers", str(args.authz_workers),
+             "--decision-log", str(decision_log_path(args.state_dir))],
             env={"OTEL_SERVICE_NAME": "meshward-authz"},
             log_path=logs / "authz.log",
         )
@@ -264,6 +292,7 @@ def _write_state(state_dir: Path, ports: Ports) -> None:
         "xds_status_url": f"http://127.0.0.1:{ports.xds_status}/status",
         "authz": f"127.0.0.1:{ports.authz}",
         "authz_status_url": f"http://127.0.0.1:{ports.authz_status}/status",
+        "decision_log": str(decision_log_path(state_dir)),
         "envoy_admin": {name: f"http://127.0.0.1:{port}" for name, port in ports.admin.items()},
     }
     (state_dir / "up.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -351,6 +380,7 @@ def _banner(policy: Policy, ports: Ports, key: DemoKey, args: argparse.Namespace
         f"(mTLS only, {policy.spiffe_id('meshward-authz')}; "
         f"metrics http://127.0.0.1:{ports.authz_status}/metrics)",
         f"  logs               {args.state_dir / 'logs'}/",
+        f"  decision log       {decision_log_path(args.state_dir)}   (one JSON line each)",
         "  status             meshward status   (policy and per-proxy versions)",
         f"  live reload        edit {args.policy}/*.yaml: valid edits apply within a second",
         "",

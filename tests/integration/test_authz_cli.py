@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -17,7 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from tests import authz_helpers as testing
 
@@ -41,11 +43,11 @@ def policy_dir(tmp_path: Path, key: testing.SigningKey) -> Path:
 
 
 class Process:
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], stdout: int = subprocess.DEVNULL) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "meshward", "authz", *args],
             cwd=REPO,
-            stdout=subprocess.DEVNULL,
+            stdout=stdout,
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -178,3 +180,147 @@ def test_bad_listen_exits_2(policy_dir: Path) -> None:
     )
     assert result.returncode == 2
     assert "--listen" in result.stderr and "Traceback" not in result.stderr
+
+
+#: Keys every decision-log line carries.
+DECISION_KEYS = {
+    "decision_id",
+    "ts",
+    "subject",
+    "auth_method",
+    "route",
+    "decision",
+    "matched_rule",
+    "reason",
+    "policy_version",
+    "trace_id",
+    "audit",
+    "audit_outcome",
+}
+
+
+def _start(policy_dir: Path, *extra: str, stdout: int = subprocess.DEVNULL) -> Process:
+    return Process(
+        ["--policy", str(policy_dir), "--listen", "127.0.0.1:0",
+         "--status-listen", "127.0.0.1:0", "--workers", "2", *extra],
+        stdout=stdout,
+    )  # fmt: skip
+
+
+def _decision_id(response: external_auth_pb2.CheckResponse) -> str:
+    """The id the response carries: the allow header, or the deny body's decision_id."""
+    if response.HasField("ok_response"):
+        (value,) = [
+            h.header.value
+            for h in response.ok_response.headers
+            if h.header.key == "x-meshward-decision-id"
+        ]
+        return str(value)
+    return str(json.loads(response.denied_response.body)["decision_id"])
+
+
+def _lines_when(path: Path, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            text = path.read_text()
+            if text.count("\n") >= count:
+                return [json.loads(line) for line in text.splitlines()]
+        time.sleep(0.05)
+    raise AssertionError(f"{path}: fewer than {count} decision lines")
+
+
+def test_decision_log_to_a_file(policy_dir: Path, key: testing.SigningKey, tmp_path: Path) -> None:
+    path = tmp_path / "decisions.jsonl"
+    process = _start(
+        policy_dir,
+        "--decision-log", str(path),
+        "--decision-log-max-bytes", "64KiB",
+        "--decision-log-backups", "2",
+    )  # fmt: skip
+    try:
+        started = process.wait_for_log("authz started")
+        assert started["decision_log"] == str(path)
+        alice = testing.check_request(
+            "GET", "/orders/7", {"authorization": f"Bearer {key.sign(testing.claims('alice'))}"}
+        )
+        anonymous = testing.check_request("GET", "/orders/7")
+        with grpc.insecure_channel(f"127.0.0.1:{started['port']}") as channel:
+            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+            allowed = stub.Check(alice, timeout=5)
+            denied = stub.Check(anonymous, timeout=5)
+        assert allowed.status.code == 0 and denied.status.code == 16
+        lines = _lines_when(path, 2)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        first, second = lines
+        assert first["decision_id"] == _decision_id(allowed)
+        assert second["decision_id"] == _decision_id(denied)
+        for line in lines:
+            assert line.keys() >= DECISION_KEYS
+        assert {k: first[k] for k in ("subject", "auth_method", "route", "decision")} == {
+            "subject": "alice",
+            "auth_method": "jwt",
+            "route": "orders-api",
+            "decision": "allow",
+        }
+        assert first["matched_rule"].startswith("alice-runs-orders/orders-admin")
+        assert first["policy_version"] and len(first["trace_id"]) == 32
+        assert first["ts"].endswith("Z") and len(first["ts"]) == len("2027-01-15T08:00:00.123Z")
+        assert (second["decision"], second["reason"]) == ("deny", "missing_token")
+        # Not on stderr too: the file is the one destination.
+        assert not any('"meshward.decision"' in line for line in process.seen)
+        process.proc.send_signal(signal.SIGTERM)
+        assert process.proc.wait(15) == 0
+    finally:
+        if process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait(10)
+
+
+def test_decision_log_to_stdout(policy_dir: Path) -> None:
+    process = _start(policy_dir, "--decision-log", "-", stdout=subprocess.PIPE)
+    try:
+        started = process.wait_for_log("authz started")
+        with grpc.insecure_channel(f"127.0.0.1:{started['port']}") as channel:
+            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+            denied = stub.Check(testing.check_request("GET", "/orders"), timeout=5)
+        process.proc.send_signal(signal.SIGTERM)
+        assert process.proc.wait(15) == 0
+        assert process.proc.stdout is not None
+        out = process.proc.stdout.read()
+    finally:
+        if process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait(10)
+    (line,) = out.splitlines()  # exactly one line: the decision, nothing else
+    record = json.loads(line)
+    assert record["decision_id"] == _decision_id(denied)
+    assert record.keys() >= DECISION_KEYS
+
+
+@pytest.mark.parametrize(
+    ("flags", "code", "wanted"),
+    [
+        (["--decision-log", "/no/such/dir/d.jsonl"], 1, "/no/such/dir/d.jsonl"),
+        (["--decision-log", "d.jsonl", "--decision-log-max-bytes", "100"], 2, "at least 4096"),
+        (["--decision-log", "d.jsonl", "--decision-log-max-bytes", "lots"], 2, "not a size"),
+        (["--decision-log", "d.jsonl", "--decision-log-backups", "101"], 2, "between 0 and 100"),
+        (["--decision-log-backups", "3"], 2, "only apply with --decision-log PATH"),
+    ],
+)
+def test_decision_log_flag_errors(
+    policy_dir: Path, tmp_path: Path, flags: list[str], code: int, wanted: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "meshward", "authz", "--policy", str(policy_dir),
+         "--listen", "127.0.0.1:0", "--status-listen", "127.0.0.1:0", *flags],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == code, result.stderr
+    assert wanted in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "d.jsonl").exists()
