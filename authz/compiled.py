@@ -13,6 +13,7 @@ from authz.authorization.mfa import CompiledMfa
 from authz.authorization.rbac import RbacIndex
 from authz.identity.api_key import ApiKeyMethod
 from authz.identity.base import IdentityMethod
+from authz.identity.jwks_remote import JwksRegistry
 from authz.identity.jwt import JwtMethod
 from authz.identity.mtls import MtlsMethod
 from meshward.policy.model import Policy, Responses
@@ -36,14 +37,22 @@ class CompiledPolicy:
     responses: Responses = field(default_factory=Responses)
 
 
-def compile_policy(policy: Policy) -> CompiledPolicy:
-    """Compile ``policy``. New identity methods are added to a tuple here."""
+def compile_policy(policy: Policy, *, jwks: JwksRegistry | None = None) -> CompiledPolicy:
+    """Compile ``policy``. New identity methods are added to a tuple here.
+
+    ``jwks`` provides the keys of issuers with a ``jwks_uri`` (authz passes its one
+    process-wide registry, so a reload keeps fetchers and keys; CLIs pass one they
+    filled with :meth:`JwksRegistry.fetch_once`). Such an issuer without a registry, a
+    non-``https://`` URL or an unusable CA bundle raises
+    :class:`~authz.identity.jwks_remote.JwksConfigError` (a ``ValueError``): no private
+    registry is made here, since its threads would outlive the compiled policy unowned.
+    """
     user_methods: list[IdentityMethod] = []
     if policy.api_keys:
         # First: it also rejects a request carrying both an API key and a bearer token.
         user_methods.append(ApiKeyMethod(policy.api_keys))
     if policy.issuers:
-        user_methods.append(JwtMethod(policy.issuers))
+        user_methods.append(JwtMethod(policy.issuers, jwks=jwks))
     return CompiledPolicy(
         version=policy.version,
         user_methods=tuple(user_methods),

@@ -52,6 +52,12 @@ class AuthzMetrics:
             "Policies compiled and swapped in (including the first).",
             registry=registry,
         )
+        self._jwks_fetches = Counter(
+            "meshward_authz_jwks_fetches",
+            "Fetches of issuers' jwks_uri key sets, by URL and outcome (success, error).",
+            ["jwks_uri", "outcome"],
+            registry=registry,
+        )
         # Resolve every label child once: the hot path then costs one dict lookup.
         self._children = {
             (allowed, reason): self._decisions.labels("allow" if allowed else "deny", reason)
@@ -70,3 +76,8 @@ class AuthzMetrics:
         self._policy.clear()
         self._policy.labels(version).set(1)
         self._reloads.inc()
+
+    def jwks_fetched(self, jwks_uri: str, outcome: str) -> None:
+        """One JWKS fetch ended (:class:`authz.identity.jwks_remote.JwksRegistry`'s
+        ``on_fetch``)."""
+        self._jwks_fetches.labels(jwks_uri, outcome).inc()

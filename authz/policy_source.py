@@ -59,7 +59,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import code_pb2, status_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from authz.compiled import CompiledPolicy, compile_policy
+from authz.compiled import CompiledPolicy
 from authz.transport import (
     SECRET_NAMES,
     SECRET_TYPE_URL,
@@ -404,8 +404,9 @@ class XdsPolicySource:
         policy = wire.from_resource(resource)
         if policy.version == self._sink.policy_version:
             return False
-        compiled = compile_policy(policy)
-        self._sink.set_policy(policy, compiled)
+        # The sink compiles (raising on a compile error, which NACKs): it owns the
+        # process's JWKS registry, which fetchers of jwks_uri issuers come from.
+        self._sink.set_policy(policy)
         return True
 
     def _set_connected(self, connected: bool) -> None:

@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry
 from authz.check import Checker
 from authz.compiled import CompiledPolicy, compile_policy
 from authz.decision_log import DecisionLog
+from authz.identity.jwks_remote import JwksRegistry
 from authz.metrics import AuthzMetrics
 from authz.transport import ServerTls, TlsMaterial, peer_spiffe_ids
 from meshward.policy.model import Policy
@@ -95,7 +96,11 @@ class AuthzService:
         self._policy = policy
         # The caller's (``meshward authz --decision-log``), else the logger; closed by stop().
         self._decision_log = decision_log if decision_log is not None else DecisionLog()
-        compiled = compile_policy(policy) if policy is not None else None
+        # JWKS URLs: one registry for the process's lifetime, so a reload that keeps an
+        # issuer keeps its fetcher and keys; set_policy retains only what is in use.
+        self.jwks = JwksRegistry(on_fetch=self._metrics.jwks_fetched)
+        self._policy_lock = threading.Lock()
+        compiled = compile_policy(policy, jwks=self.jwks) if policy is not None else None
         self._checker = Checker(compiled, tracer, self._metrics, self._decision_log)
         if policy is not None:
             self._metrics.policy_loaded(policy.version)
@@ -162,6 +167,7 @@ class AuthzService:
         with self._lock:
             server, self._server = self._server, None
             self._stopping = True
+        self.jwks.close(timeout=0)  # fetcher threads are daemons: signal, don't wait
         if server is None:
             return
         self._health.enter_graceful_shutdown()
@@ -203,11 +209,16 @@ class AuthzService:
     def set_policy(self, policy: Policy, compiled: CompiledPolicy | None = None) -> None:
         """Swap ``policy`` in atomically (compiled here unless ``compiled`` is given);
         in-flight checks finish on the old one. A compile error leaves the old policy
-        serving and propagates. The first policy turns health to SERVING."""
-        if compiled is None:
-            compiled = compile_policy(policy)
-        self._checker.policy = compiled
-        self._policy = policy
+        serving and propagates. The first policy turns health to SERVING.
+
+        Calls are serialized, so one reload's JWKS :meth:`~JwksRegistry.retain` never
+        stops a fetcher another reload just compiled against."""
+        with self._policy_lock:
+            if compiled is None:
+                compiled = compile_policy(policy, jwks=self.jwks)
+            self._checker.policy = compiled
+            self._policy = policy
+            self.jwks.retain(policy.issuers)
         self._metrics.policy_loaded(compiled.version)
         self._set_health()
         _log.info("policy loaded", extra={"policy_version": compiled.version})

@@ -25,10 +25,22 @@
    no groups). Both may be dotted paths into nested claims (``realm_access.roles``);
    a claim whose name itself contains the dots wins over the path.
 
+Keys come from the issuer's inline ``jwks`` or, for an issuer with ``jwks_uri``, from
+its :class:`~authz.identity.jwks_remote.JwksFetcher` (one per URL, in the
+:class:`~authz.identity.jwks_remote.JwksRegistry` given to :class:`JwtMethod`). A
+remote issuer's current snapshot is read on every verification and compiled into the
+per-algorithm/per-kid maps once per snapshot. A token whose ``kid`` (or algorithm) has
+no key in it is denied ``unknown_key`` at once and asks the fetcher for a refresh
+(rate limited there); the Check never waits for the network. Before the first
+successful fetch every token of that issuer is ``unknown_key`` ("issuer keys not
+available yet").
+
 Verified tokens are cached by their exact string until ``exp``, so a repeat costs a
 dict lookup instead of a signature check (RS256 ~30 µs, ES256 ~85 µs). The cache
 belongs to one compiled policy: a policy reload starts a new one, so a key removed
-from a JWKS stops being trusted at once.
+from a JWKS stops being trusted at once. An entry verified with a remote key set is
+only good while that snapshot is current: a fetch that changes the keys makes every
+such token verify again.
 """
 
 from __future__ import annotations
@@ -50,7 +62,9 @@ from joserfc.jws import JWSRegistry
 
 from authz import reasons
 from authz.identity.base import AuthenticationError, Identity
+from authz.identity.jwks_remote import JwksConfigError, JwksFetcher, JwksRegistry, JwksSnapshot
 from authz.request import AuthzRequest
+from meshward.policy.matching import claim_at
 from meshward.policy.model import Issuer
 
 _log = logging.getLogger("meshward.authz.jwt")
@@ -103,16 +117,67 @@ class _IssuerKeys:
     registry: JWSRegistry
 
 
+#: Where a verified token's key came from: None for inline keys, else the fetcher and
+#: its snapshot when verification began (the cache entry lives only while it is current).
+_KeySource = tuple[JwksFetcher, JwksSnapshot | None] | None
+
+
+class _RemoteIssuer:
+    """An issuer whose keys come from a fetcher: compiled once per snapshot."""
+
+    __slots__ = ("_compiled", "_empty", "fetcher", "issuer", "leeway")
+
+    def __init__(self, issuer: Issuer, fetcher: JwksFetcher, leeway: float | None) -> None:
+        self.issuer = issuer
+        self.fetcher = fetcher
+        self.leeway = leeway
+        #: Stands in while no keys were fetched: algorithms and claims rules, no key.
+        self._empty = _compile_issuer(issuer, leeway, {})
+        #: (snapshot, its compilation), replaced as one reference (races only compile
+        #: the same snapshot twice).
+        self._compiled: tuple[JwksSnapshot, _IssuerKeys] | None = None
+
+    def current(self) -> tuple[_IssuerKeys, JwksSnapshot | None]:
+        snapshot = self.fetcher.snapshot
+        if snapshot is None:
+            return self._empty, None
+        compiled = self._compiled
+        if compiled is None or compiled[0] is not snapshot:
+            compiled = (snapshot, _compile_issuer(self.issuer, self.leeway, snapshot.jwks))
+            self._compiled = compiled
+        return compiled[1], snapshot
+
+
 class JwtMethod:
     """The ``jwt`` identity method for a set of issuers (see the module docstring)."""
 
     name = "jwt"
 
     def __init__(
-        self, issuers: Iterable[Issuer], *, leeway: float | None = None, cache_size: int = 4096
+        self,
+        issuers: Iterable[Issuer],
+        *,
+        jwks: JwksRegistry | None = None,
+        leeway: float | None = None,
+        cache_size: int = 4096,
     ) -> None:
-        """``leeway``, when given, overrides every issuer's ``clock_skew_seconds``."""
-        self._issuers = {i.issuer: _compile_issuer(i, leeway) for i in issuers}
+        """``leeway``, when given, overrides every issuer's ``clock_skew_seconds``.
+
+        Issuers with a ``jwks_uri`` get their fetcher from ``jwks``; without a registry
+        they raise :class:`~authz.identity.jwks_remote.JwksConfigError`.
+        """
+        self._issuers: dict[str, _IssuerKeys] = {}
+        self._remote: dict[str, _RemoteIssuer] = {}
+        for issuer in issuers:
+            if not issuer.jwks_uri:
+                self._issuers[issuer.issuer] = _compile_issuer(issuer, leeway)
+            elif jwks is None:
+                raise JwksConfigError(
+                    f"issuer {issuer.name}: its keys come from {issuer.jwks_uri}, but no "
+                    "JwksRegistry was given to fetch them (compile_policy(policy, jwks=...))"
+                )
+            else:
+                self._remote[issuer.issuer] = _RemoteIssuer(issuer, jwks.fetcher(issuer), leeway)
         self._cache = _TokenCache(cache_size)
 
     def authenticate(self, request: AuthzRequest, now: float) -> Identity | None:
@@ -130,8 +195,14 @@ class JwtMethod:
         identity = self._cache.get(token, now)
         if identity is not None:
             return identity
+        # Read before verifying: an entry is keyed to the key set current *before* the
+        # verification, so a swap during it can only make the entry miss, never outlive
+        # the keys it was verified with.
+        before = {i: r.fetcher.snapshot for i, r in self._remote.items()} if self._remote else {}
         identity, expires = self.verify(token, now)
-        self._cache.put(token, identity, expires)
+        remote = self._remote.get(identity.issuer) if before else None
+        source = (remote.fetcher, before[identity.issuer]) if remote is not None else None
+        self._cache.put(token, identity, expires, source)
         return identity
 
     def verify(self, token: str, now: float) -> tuple[Identity, float]:
@@ -154,9 +225,16 @@ class JwtMethod:
             raise AuthenticationError(reasons.INVALID_TOKEN, "nested tokens not accepted")
 
         iss = peeked.get("iss")
-        compiled = self._issuers.get(iss) if isinstance(iss, str) else None
-        if compiled is None:
+        if not isinstance(iss, str):
             raise AuthenticationError(reasons.UNKNOWN_ISSUER, "unknown issuer")
+        remote = None
+        snapshot = None
+        compiled = self._issuers.get(iss)
+        if compiled is None:
+            remote = self._remote.get(iss)
+            if remote is None:
+                raise AuthenticationError(reasons.UNKNOWN_ISSUER, "unknown issuer")
+            compiled, snapshot = remote.current()
 
         alg = header.get("alg")
         if not isinstance(alg, str) or alg in _NEVER_ALGORITHMS or alg not in compiled.algorithms:
@@ -170,19 +248,29 @@ class JwtMethod:
         else:
             raise AuthenticationError(reasons.INVALID_TOKEN, "malformed token")
         if not keys:
+            if remote is not None:
+                # A key the issuer may have published since the last fetch: ask for a
+                # refresh (rate limited by the fetcher) and deny now, without waiting.
+                remote.fetcher.request_refresh()
+                if snapshot is None:
+                    raise AuthenticationError(reasons.UNKNOWN_KEY, "issuer keys not available yet")
             raise AuthenticationError(reasons.UNKNOWN_KEY, "unknown signing key")
 
         payload = _verified_payload(token, keys, compiled.registry)
         return _identity(payload, compiled, now)
 
 
-def _compile_issuer(issuer: Issuer, leeway: float | None = None) -> _IssuerKeys:
+def _compile_issuer(
+    issuer: Issuer, leeway: float | None = None, jwks: dict[str, Any] | None = None
+) -> _IssuerKeys:
+    """Compile ``issuer`` with its inline JWKS, or with ``jwks`` (a fetched key set)."""
     algorithms = frozenset(
         a for a in issuer.algorithms if a in _KEY_TYPES and a not in _NEVER_ALGORITHMS
     )
     by_kid: dict[str, dict[str, tuple[Any, ...]]] = {a: {} for a in algorithms}
     by_alg: dict[str, tuple[Any, ...]] = {a: () for a in algorithms}
-    entries = issuer.jwks.get("keys", []) if isinstance(issuer.jwks, dict) else []
+    document = issuer.jwks if jwks is None else jwks
+    entries = document.get("keys", []) if isinstance(document, dict) else []
     for index, entry in enumerate(entries if isinstance(entries, list) else []):
         if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
             continue
@@ -261,22 +349,6 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def _claim(claims: dict[str, Any], path: str) -> Any:
-    """The claim named ``path``, or reached by its dotted path (``realm_access.roles``).
-
-    A claim literally named ``path`` (``https://example.com/groups``) wins. None when
-    absent or when the path crosses something that is not an object.
-    """
-    if path in claims:
-        return claims[path]
-    value: Any = claims
-    for part in path.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
-
-
 def _groups(value: Any) -> tuple[str, ...]:
     """A list of strings, or one string (one group); anything else is no groups."""
     if isinstance(value, str):
@@ -315,43 +387,45 @@ def _identity(claims: dict[str, Any], compiled: _IssuerKeys, now: float) -> tupl
     if not any(isinstance(a, str) and a in compiled.audiences for a in audiences):
         raise AuthenticationError(reasons.BAD_AUDIENCE, "token audience not accepted")
 
-    subject = _claim(claims, issuer.subject_claim)
+    subject = claim_at(claims, issuer.subject_claim)
     if not isinstance(subject, str) or not subject or not subject.isprintable():
         # isprintable(): the subject goes upstream in a header, so no CR/LF or controls
         raise AuthenticationError(reasons.INVALID_TOKEN, "token has no valid subject")
-    groups = _groups(_claim(claims, issuer.groups_claim))
+    groups = _groups(claim_at(claims, issuer.groups_claim))
     return Identity(subject, groups, JwtMethod.name, issuer.issuer, claims), exp
 
 
 class _TokenCache:
     """Verified tokens → identity, until their ``exp``; bounded, oldest evicted first.
 
-    Reads take no lock (a dict lookup is atomic under the GIL); writers serialize so
-    eviction never iterates a dict another writer is changing.
+    An entry verified with a fetched key set is only good while that snapshot is its
+    fetcher's current one. Reads take no lock (a dict lookup is atomic under the GIL);
+    writers serialize so eviction never iterates a dict another writer is changing.
     """
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._entries: dict[str, tuple[Identity, float]] = {}
+        self._entries: dict[str, tuple[Identity, float, _KeySource]] = {}
         self._lock = threading.Lock()
 
     def get(self, token: str, now: float) -> Identity | None:
         entry = self._entries.get(token)
         if entry is None:
             return None
-        if now < entry[1]:
+        source = entry[2]
+        if now < entry[1] and (source is None or source[0].snapshot is source[1]):
             return entry[0]
         with self._lock:
             self._entries.pop(token, None)
         return None
 
-    def put(self, token: str, identity: Identity, expires: float) -> None:
+    def put(self, token: str, identity: Identity, expires: float, source: _KeySource) -> None:
         if self._size <= 0:
             return
         with self._lock:
             while len(self._entries) >= self._size:
                 self._entries.pop(next(iter(self._entries)))
-            self._entries[token] = (identity, expires)
+            self._entries[token] = (identity, expires, source)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -83,7 +83,7 @@ def test_demo_policy_is_valid(tmp_path: Path) -> None:
     (target / "mesh.yaml").write_text((ROOT / "policies" / "mesh.yaml").read_text())
     write_jwks(target / "keys" / "demo-jwks.json", *new_keys())
     policy = load_policy(target)
-    assert {r.name for r in policy.routes()} == {"orders-api", "catalog-api"}
+    assert {r.name for r in policy.routes()} == {"orders-admin", "orders-api", "catalog-api"}
 
 
 def test_files_in_a_directory_merge_and_names_stay_unique(tmp_path: Path) -> None:
