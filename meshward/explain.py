@@ -5,9 +5,10 @@ context (``meshward.route``/``service``/``gateway``) is the route the policy's
 gateways would match, found by :func:`match_route`, a small mirror of the
 translator's virtual hosts and routes. It is then parsed and decided exactly like
 authz does (:meth:`AuthzRequest.from_check_request`, :func:`authz.decision.decide`
-on :func:`authz.compiled.compile_policy`). The explanation (which rule allowed it,
-or, for a deny, what each binding lacked) is computed afterwards from the policy
-model and never changes the decision.
+on :func:`authz.compiled.compile_policy`). The explanation (which rule allowed or denied
+it, or, for a default deny, what each allow binding lacked — from the RBAC index's own
+:meth:`~authz.authorization.rbac.RbacIndex.rule_problems`, so it cannot disagree with
+the decision) is computed afterwards and never changes the decision.
 
 :mod:`meshward.policy_tests` runs test cases through the same functions.
 """
@@ -15,23 +16,24 @@ model and never changes the decision.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz import reasons
-from authz.authorization.rbac import is_plain_path, workload_pattern_matches
 from authz.compiled import CompiledPolicy, compile_policy
 from authz.decision import Decision, decide
-from authz.identity.base import AuthenticationError, Identity
+from authz.identity.base import AuthenticationError, Identities, Identity
+from authz.identity.jwks_remote import JwksConfigError, JwksFetchError, JwksRegistry
 from authz.request import AuthzRequest
 from meshward import route_context
 from meshward.demo_keys import DEMO_AUDIENCE, DEMO_ISSUER, DemoKey, ensure_demo_key
-from meshward.policy.model import Binding, Permission, Policy, Route
+from meshward.policy.matching import cidr_problem
+from meshward.policy.model import Policy, Route
 
 #: Exit codes of ``meshward explain``.
 EXIT_ALLOW = 0
@@ -137,14 +139,27 @@ def _strip_query(path: str) -> str:
 # --- the request ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Client:
+    """What a request carries besides method and path: credentials, headers, where
+    it comes from (``source_ip`` empty: unknown) and the listener port it arrived on
+    (0: the route's gateway port, or unknown without a route)."""
+
+    token: str = ""
+    api_key: str = ""
+    principal: str = ""
+    source_ip: str = ""
+    port: int = 0
+    headers: tuple[tuple[str, str], ...] = ()
+
+
 def check_request(
     method: str,
     path: str,
     *,
     host: str = "",
     context: RouteContext | None = None,
-    token: str = "",
-    principal: str = "",
+    client: Client = Client(),
     policy_version: str = "",
 ) -> external_auth_pb2.CheckRequest:
     """A ``CheckRequest`` as Envoy's ext_authz filter sends it."""
@@ -155,9 +170,17 @@ def check_request(
     http.path = path
     http.host = host
     http.protocol = "HTTP/1.1"
-    if token:
-        http.headers["authorization"] = f"Bearer {token}"
-    attributes.source.principal = principal
+    for name, value in client.headers:
+        http.headers[name.lower()] = value
+    if client.token:
+        http.headers["authorization"] = f"Bearer {client.token}"
+    if client.api_key:
+        http.headers["x-api-key"] = client.api_key
+    attributes.source.principal = client.principal
+    if client.source_ip:
+        attributes.source.address.socket_address.address = client.source_ip
+    if client.port:
+        attributes.destination.address.socket_address.port_value = client.port
     if context is not None:
         extensions = attributes.context_extensions
         extensions[route_context.ROUTE] = context.route
@@ -185,8 +208,7 @@ def run(
     path: str,
     host: str = "",
     route: str | None = None,
-    token: str = "",
-    principal: str = "",
+    client: Client = Client(),
     now: float | None = None,
 ) -> Outcome:
     """Build the request, find its route and decide it (the same code as authz)."""
@@ -194,6 +216,10 @@ def run(
         raise InputError(f"method '{method}' is not an HTTP method (for example GET)")
     if not path.startswith("/"):
         raise InputError(f"path '{path}' must start with '/'")
+    if client.source_ip and cidr_problem(client.source_ip) is not None:
+        raise InputError(f"source IP '{client.source_ip}' is not an IP address")
+    if client.source_ip and "/" in client.source_ip:
+        raise InputError(f"source IP '{client.source_ip}' must be one address, not a block")
     if route:
         context = route_by_name(policy, route)
         if context is None:
@@ -201,12 +227,23 @@ def run(
             raise InputError(f"no route named '{route}' in the policy (routes: {names})")
     else:
         context = match_route(policy, method, path, host)
-    message = check_request(
-        method, path, host=host, context=context, token=token, principal=principal
-    )
+    if context is not None and not client.port:
+        client = replace(client, port=_listener_port(policy, context))
+    message = check_request(method, path, host=host, context=context, client=client)
     request = AuthzRequest.from_check_request(message)
     decision = decide(request, compiled, time.time() if now is None else now)
     return Outcome(request, decision, context)
+
+
+def _listener_port(policy: Policy, context: RouteContext) -> int:
+    """The port of the listener serving ``context``'s route (gateway or sidecar)."""
+    for gateway in policy.gateways:
+        if gateway.name == context.gateway:
+            return gateway.port
+    for service in policy.services:
+        if service.sidecar is not None and policy.sidecar_group(service.name) == context.gateway:
+            return service.sidecar.port
+    return 0
 
 
 # --- demo tokens -----------------------------------------------------------------------
@@ -247,85 +284,6 @@ def demo_key_is_current(policy: Policy, key: DemoKey) -> bool:
 
 
 # --- the explanation ---------------------------------------------------------------------
-
-
-def _listing(values: Sequence[str]) -> str:
-    return "[" + ", ".join(values) + "]"
-
-
-def permission_problems(permission: Permission, method: str, path: str, service: str) -> list[str]:
-    """What of ``permission`` does not match the request (empty: it matches)."""
-    problems: list[str] = []
-    methods = [m.upper() for m in permission.methods]
-    if methods and method not in methods:
-        problems.append(f"method not allowed ({method} not in {_listing(methods)})")
-    plain = is_plain_path(path)
-    path_ok = any(
-        pattern in ("*", path)
-        or (pattern.endswith("*") and plain and path.startswith(pattern[:-1]))
-        for pattern in permission.paths
-    )
-    if not path_ok:
-        note = "" if plain else "; a path with a dot segment never matches a prefix"
-        problems.append(
-            f"path does not match ({path} not in {_listing(list(permission.paths))}{note})"
-        )
-    if permission.services and service not in permission.services:
-        shown = service or "(none)"
-        problems.append(
-            f"service not allowed ({shown} not in {_listing(list(permission.services))})"
-        )
-    return problems
-
-
-def binding_problems(
-    binding: Binding,
-    policy: Policy,
-    request: AuthzRequest,
-    user: Identity | None,
-    workload: Identity | None,
-) -> list[str]:
-    """What ``binding`` needs that the request does not have (empty: it grants)."""
-    problems: list[str] = []
-    if binding.subjects or binding.groups:
-        if user is None:
-            problems.append("no user token (the binding names users)")
-        elif user.subject not in binding.subjects and not set(user.groups) & set(binding.groups):
-            parts = []
-            if binding.subjects:
-                parts.append(f"subject not in subjects ({user.subject} not in "
-                             f"{_listing(binding.subjects)})")  # fmt: skip
-            if binding.groups:
-                have = ", ".join(user.groups) if user.groups else "none"
-                parts.append(
-                    f"no group in groups {_listing(binding.groups)} (token groups: {have})"
-                )
-            problems.append(" and ".join(parts))
-    if binding.workloads:
-        if workload is None:
-            problems.append(
-                f"workload does not match (no workload identity; needs "
-                f"{_listing(binding.workloads)})"
-            )
-        elif not any(workload_pattern_matches(p, workload.subject) for p in binding.workloads):
-            problems.append(
-                f"workload does not match ({workload.subject} not in {_listing(binding.workloads)})"
-            )
-    role = next((r for r in policy.roles if r.name == binding.role), None)
-    if role is None:
-        problems.append(f"role {binding.role} does not exist")
-        return problems
-    per_permission = [
-        permission_problems(p, request.method, request.path, request.service)
-        for p in role.permissions
-    ]
-    if per_permission and all(per_permission):
-        fewest = min(per_permission, key=len)
-        if len(per_permission) > 1:
-            problems.append("no permission matches; closest: " + "; ".join(fewest))
-        else:
-            problems.extend(fewest)
-    return problems
 
 
 def identities(
@@ -376,13 +334,41 @@ def explain_lines(
         groups = ", ".join(user.groups) if user.groups else "no groups"
         user_text = f"{user.subject} ({groups}) via {user.method}"
     lines.append(f"identity: user {user_text}; workload {workload.subject if workload else 'none'}")
+    lines.extend(_rule_lines(policy, compiled, outcome, Identities(workload, user)))
+    for entry in decision.audit:
+        effect, rule = entry.split(":", 1)
+        lines.append(f"audit: {rule} ({effect} rule in mode: audit applies; not enforced)")
+    if decision.audit_outcome:
+        lines.append(
+            f"audit outcome: {decision.audit_outcome} (if the audited rules were enforced)"
+        )
+    return lines
+
+
+def _rule_lines(
+    policy: Policy, compiled: CompiledPolicy, outcome: Outcome, seen: Identities
+) -> list[str]:
+    """The ``rule:`` line and, for a default deny, why each allow binding does not apply."""
+    decision, request = outcome.decision, outcome.request
+    binding = decision.matched_rule.split("/", 1)[0]
     if decision.allowed:
-        granted = decision.matched_rule.split("/", 1)[0]
-        lines.append(f"rule: {decision.matched_rule} (binding {granted} granted it)")
-        return lines
-    if decision.reason in reasons.INVALID_CREDENTIAL:
-        lines.append(f"rule: none (the token was rejected: {decision.reason}; RBAC not reached)")
-        return lines
+        return [f"rule: {decision.matched_rule} (binding {binding} granted it)"]
+    if decision.reason == reasons.DENIED_BY_RULE:
+        return [
+            f"rule: {decision.matched_rule} (deny binding {binding} applies; deny rules are "
+            "evaluated before any allow)"
+        ]
+    if decision.reason == reasons.INSUFFICIENT_USER_AUTHENTICATION:
+        problem = decision.www_authenticate.partition('error_description="')[2].split('"')[0]
+        return [
+            f"rule: {decision.matched_rule} (binding {binding} allows it, but the route "
+            f"demands step-up authentication: {problem})"
+        ]
+    if decision.reason in reasons.INVALID_CREDENTIAL or decision.reason in (
+        reasons.INVALID_API_KEY,
+        reasons.AMBIGUOUS_CREDENTIALS,
+    ):
+        return [f"rule: none (the credential was rejected: {decision.reason}; RBAC not reached)"]
     if decision.reason == reasons.UNTRUSTED_WORKLOAD:
         problem = ""
         for method in compiled.workload_methods:
@@ -390,15 +376,18 @@ def explain_lines(
                 method.authenticate(request, 0)
             except AuthenticationError as error:
                 problem = error.description
-        lines.append(f"rule: none (untrusted workload: {problem}; RBAC not reached)")
-        return lines
-    lines.append("rule: none (default deny: no binding grants this request)")
+        return [f"rule: none (untrusted workload: {problem}; RBAC not reached)"]
+    lines = ["rule: none (default deny: no binding grants this request)"]
     if decision.reason == reasons.MISSING_TOKEN:
-        lines.append("  no user token was sent; a binding naming users needs one")
-    for binding in policy.bindings:
-        problems = binding_problems(binding, policy, request, user, workload)
+        lines.append("  no user credential was sent; a binding naming users needs one")
+    for b in policy.bindings:
+        if b.effect != "allow" or b.mode != "enforce":
+            continue
+        problems = compiled.rbac.rule_problems(b.name, seen, request)
         if problems:
-            lines.append(f"  binding {binding.name} ({binding.role}): " + "; ".join(problems))
+            lines.append(f"  binding {b.name} ({b.role}): " + "; ".join(problems))
+        elif decision.reason == reasons.MISSING_TOKEN:
+            lines.append(f"  binding {b.name} ({b.role}): the route demands a user token (mfa)")
     return lines
 
 
@@ -419,6 +408,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--sub", default=None, help="mint a demo token for this subject")
     parser.add_argument("--groups", default="", help="comma-separated groups for --sub")
     parser.add_argument("--spiffe", default="", help="the mTLS peer's SPIFFE ID")
+    parser.add_argument("--api-key", default="", help="an API key (sent as x-api-key)")
+    parser.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="an extra claim for the --sub demo token, e.g. amr='[\"mfa\"]' or acr=high "
+        "(repeatable; a value that is not JSON is a string)",
+    )
+    parser.add_argument(
+        "--source-ip", default="", help="the client address (default: unknown, which fails "
+        "source_ips conditions closed)"
+    )  # fmt: skip
+    parser.add_argument(
+        "--port", type=int, default=0, help="the listener port (default: the route's)"
+    )
+    parser.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="NAME:VALUE",
+        help="a request header (repeatable)",
+    )
     parser.add_argument(
         "--state-dir",
         type=Path,
@@ -441,28 +453,88 @@ def load(path: Path) -> Policy:
         ) from None
 
 
-def minted(policy: Policy, path: Path, state_dir: Path, subject: str, groups: list[str]) -> tuple[
-    Policy, str
-]:  # fmt: skip
-    """A demo token for ``subject``/``groups``, and the policy (reloaded if the key is new)."""
+def compile_with_keys(policy: Policy, jwks: JwksRegistry | None = None) -> CompiledPolicy:
+    """:func:`compile_policy`, with the keys of ``jwks_uri`` issuers fetched first, once
+    and synchronously (a CLI decides once: no background refresh). ``jwks`` is reused
+    across calls when given. InputError naming the issuer, URL and fix if a fetch fails.
+    """
+    if not any(issuer.jwks_uri for issuer in policy.issuers):
+        return compile_policy(policy)
+    registry = jwks if jwks is not None else JwksRegistry(background=False)
+    try:
+        registry.fetch_once(policy.issuers)
+        return compile_policy(policy, jwks=registry)
+    except (JwksFetchError, JwksConfigError) as exc:
+        raise InputError(str(exc)) from None
+
+
+def minted(
+    policy: Policy,
+    path: Path,
+    state_dir: Path,
+    subject: str,
+    groups: list[str],
+    *,
+    claims: dict[str, object] | None = None,
+) -> tuple[Policy, str]:
+    """A demo token for ``subject``/``groups`` (plus ``claims``), and the policy
+    (reloaded if the key is new)."""
     key = demo_key_for(policy, path, state_dir)
     if not demo_key_is_current(policy, key):
         policy = load(path)
-    return policy, key.mint(subject, groups)
+    return policy, key.mint(subject, groups, extra=claims)
+
+
+def parse_claims(values: list[str]) -> dict[str, object]:
+    """``NAME=JSON`` pairs (a value that is not JSON is a string)."""
+    out: dict[str, object] = {}
+    for item in values:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise InputError(f"--claim '{item}' is not NAME=VALUE (e.g. acr=high)")
+        try:
+            out[name] = json.loads(raw)
+        except ValueError:
+            out[name] = raw
+    return out
+
+
+def parse_headers(values: list[str]) -> tuple[tuple[str, str], ...]:
+    """``NAME:VALUE`` pairs."""
+    out = []
+    for item in values:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise InputError(f"--header '{item}' is not NAME:VALUE (e.g. x-tenant:acme)")
+        out.append((name.strip().lower(), value.strip()))
+    return tuple(out)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     try:
         policy = load(args.policy)
         token = args.token or ""
-        if args.groups and args.sub is None:
-            raise InputError("--groups needs --sub (the subject of the demo token)")
+        if (args.groups or args.claim) and args.sub is None:
+            raise InputError("--groups and --claim need --sub (the subject of the demo token)")
         if args.sub is not None:
             if args.token:
                 raise InputError("pass either --token or --sub/--groups, not both")
             groups = [g.strip() for g in args.groups.split(",") if g.strip()]
-            policy, token = minted(policy, args.policy, args.state_dir, args.sub, groups)
-        compiled = compile_policy(policy)
+            claims = parse_claims(args.claim)
+            policy, token = minted(
+                policy, args.policy, args.state_dir, args.sub, groups, claims=claims
+            )
+        if not 0 <= args.port <= 65535:
+            raise InputError(f"--port {args.port} is not a port (1-65535)")
+        client = Client(
+            token=token,
+            api_key=args.api_key,
+            principal=args.spiffe,
+            source_ip=args.source_ip,
+            port=args.port,
+            headers=parse_headers(args.header),
+        )
+        compiled = compile_with_keys(policy)
         outcome = run(
             policy,
             compiled,
@@ -470,8 +542,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             path=args.path,
             host=args.host,
             route=args.route,
-            token=token,
-            principal=args.spiffe,
+            client=client,
         )
     except InputError as exc:
         print(f"meshward explain: {exc}", file=sys.stderr)

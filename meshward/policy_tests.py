@@ -17,6 +17,7 @@ test files or the policy.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,15 +27,32 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from authz import reasons
-from authz.compiled import CompiledPolicy, compile_policy
+from authz.compiled import CompiledPolicy
+from authz.identity.jwks_remote import JwksRegistry
 from meshward import explain
 from meshward.demo_keys import DemoKey
+from meshward.policy.matching import cidr_problem
 from meshward.policy.model import Policy
 from meshward.policy.yaml_source import YamlSyntaxError, compose
 
 CASE_KEYS = ("name", "request", "expect")
-REQUEST_KEYS = ("method", "path", "host", "route", "subject", "groups", "token", "spiffe")
-EXPECT_KEYS = ("decision", "status", "reason")
+REQUEST_KEYS = (
+    "method",
+    "path",
+    "host",
+    "route",
+    "subject",
+    "groups",
+    "claims",
+    "token",
+    "api_key",
+    "spiffe",
+    "source_ip",
+    "port",
+    "headers",
+)
+EXPECT_KEYS = ("decision", "status", "reason", "audit_outcome")
+AUDIT_OUTCOMES = ("none", "would_deny", "would_allow")
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,8 @@ class Case:
     decision: str
     status: int | None = None
     reason: str | None = None
+    #: ``none``, ``would_deny`` or ``would_allow``; None: not checked.
+    audit_outcome: str | None = None
 
     def expected(self) -> str:
         parts = [self.decision]
@@ -53,6 +73,8 @@ class Case:
             parts.append(str(self.status))
         if self.reason is not None:
             parts.append(self.reason)
+        if self.audit_outcome is not None:
+            parts.append(f"audit {self.audit_outcome}")
         return "/".join(parts)
 
 
@@ -139,9 +161,16 @@ class _Reader:
         expect = self.expect(fields["expect"], f"{what}.expect") if "expect" in fields else None
         if name is None or request is None or expect is None or len(self.file.errors) > errors:
             return None
-        decision, status, reason = expect
+        decision, status, reason, audit = expect
         return Case(
-            self.file.path, node.start_mark.line + 1, name, request, decision, status, reason
+            self.file.path,
+            node.start_mark.line + 1,
+            name,
+            request,
+            decision,
+            status,
+            reason,
+            audit,
         )
 
     def request(self, node: Node, what: str) -> dict[str, Any] | None:
@@ -151,7 +180,7 @@ class _Reader:
         out: dict[str, Any] = {"method": "GET"}
         if "path" not in fields:
             self.error(node, f"{what}: missing 'path'")
-        for key in ("method", "path", "host", "route", "subject", "token", "spiffe"):
+        for key in ("method", "path", "host", "route", "subject", "token", "api_key", "spiffe"):
             if key in fields:
                 value = self.string(fields[key], f"{what}.{key}")
                 if value is not None:
@@ -169,9 +198,49 @@ class _Reader:
                 out["groups"] = groups
         if "token" in fields and "subject" in fields:
             self.error(fields["token"], f"{what}: set either 'token' or 'subject'/'groups'")
+        self.client_parts(fields, what, out)
         return out
 
-    def expect(self, node: Node, what: str) -> tuple[str, int | None, str | None] | None:
+    def client_parts(self, fields: dict[str, Node], what: str, out: dict[str, Any]) -> None:
+        """``claims`` (for the demo token), ``source_ip``, ``port`` and ``headers``."""
+        if "claims" in fields:
+            claims = (
+                _scalar(fields["claims"]) if isinstance(fields["claims"], MappingNode) else None
+            )
+            if not isinstance(claims, dict) or not all(isinstance(k, str) for k in claims):
+                self.error(fields["claims"], f"{what}.claims: expected a mapping of claim names")
+            elif "subject" not in fields:
+                self.error(
+                    fields["claims"], f"{what}.claims: needs 'subject' (the demo token's sub)"
+                )
+            else:
+                out["claims"] = claims
+        if "source_ip" in fields:
+            ip = self.string(fields["source_ip"], f"{what}.source_ip")
+            if ip is not None and (cidr_problem(ip) is not None or "/" in ip):
+                self.error(fields["source_ip"], f"{what}.source_ip: '{ip}' is not an IP address")
+            elif ip is not None:
+                out["source_ip"] = ip
+        if "port" in fields:
+            port = _scalar(fields["port"]) if isinstance(fields["port"], ScalarNode) else None
+            if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+                self.error(fields["port"], f"{what}.port: expected a port (1-65535)")
+            else:
+                out["port"] = port
+        if "headers" in fields:
+            headers = (
+                _scalar(fields["headers"]) if isinstance(fields["headers"], MappingNode) else None
+            )
+            if not isinstance(headers, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+            ):
+                self.error(fields["headers"], f"{what}.headers: expected a mapping of name: value")
+            else:
+                out["headers"] = tuple((k.lower(), v) for k, v in headers.items())
+
+    def expect(
+        self, node: Node, what: str
+    ) -> tuple[str, int | None, str | None, str | None] | None:
         fields = self.mapping(node, what, EXPECT_KEYS)
         if fields is None:
             return None
@@ -203,7 +272,16 @@ class _Reader:
             if (reason == reasons.ALLOWED) != (decision == "allow"):
                 self.error(fields["reason"], f"{what}.reason: '{reason}' contradicts {decision}")
                 return None
-        return str(decision), status, reason
+        audit: str | None = None
+        if "audit_outcome" in fields:
+            audit = self.string(fields["audit_outcome"], f"{what}.audit_outcome")
+            if audit is not None and audit not in AUDIT_OUTCOMES:
+                self.error(
+                    fields["audit_outcome"],
+                    f"{what}.audit_outcome: expected one of {', '.join(AUDIT_OUTCOMES)}",
+                )
+                return None
+        return str(decision), status, reason, audit
 
 
 def read_test_file(path: Path) -> CaseFile:
@@ -231,19 +309,24 @@ class _Runner:
         self.policy = policy
         self.policy_path = policy_path
         self.state_dir = state_dir
-        self.compiled: CompiledPolicy = compile_policy(policy)
+        # Keys of jwks_uri issuers: fetched once, kept if the policy is reloaded.
+        self.jwks = JwksRegistry(background=False)
+        self.compiled: CompiledPolicy = explain.compile_with_keys(policy, self.jwks)
         self.key: DemoKey | None = None
-        self.tokens: dict[tuple[str, tuple[str, ...]], str] = {}
+        self.tokens: dict[tuple[str, tuple[str, ...], str], str] = {}
 
-    def token(self, subject: str, groups: tuple[str, ...]) -> str:
+    def token(
+        self, subject: str, groups: tuple[str, ...], claims: dict[str, Any] | None = None
+    ) -> str:
         if self.key is None:
             self.key = explain.demo_key_for(self.policy, self.policy_path, self.state_dir)
             if not explain.demo_key_is_current(self.policy, self.key):
                 self.policy = explain.load(self.policy_path)
-                self.compiled = compile_policy(self.policy)
-        cached = self.tokens.get((subject, groups))
+                self.compiled = explain.compile_with_keys(self.policy, self.jwks)
+        cache_key = (subject, groups, json.dumps(claims or {}, sort_keys=True, default=str))
+        cached = self.tokens.get(cache_key)
         if cached is None:
-            cached = self.tokens[(subject, groups)] = self.key.mint(subject, groups)
+            cached = self.tokens[cache_key] = self.key.mint(subject, groups, extra=claims)
         return cached
 
     def run(self, case: Case) -> str | None:
@@ -251,7 +334,9 @@ class _Runner:
         request = case.request
         token = request.get("token", "")
         if "subject" in request:
-            token = self.token(request["subject"], tuple(request.get("groups", ())))
+            token = self.token(
+                request["subject"], tuple(request.get("groups", ())), request.get("claims")
+            )
         outcome = explain.run(
             self.policy,
             self.compiled,
@@ -259,8 +344,14 @@ class _Runner:
             path=request["path"],
             host=request.get("host", ""),
             route=request.get("route"),
-            token=token,
-            principal=request.get("spiffe", ""),
+            client=explain.Client(
+                token=token,
+                api_key=request.get("api_key", ""),
+                principal=request.get("spiffe", ""),
+                source_ip=request.get("source_ip", ""),
+                port=request.get("port", 0),
+                headers=request.get("headers", ()),
+            ),
         )
         decision = outcome.decision
         got = "allow" if decision.allowed else "deny"
@@ -268,12 +359,17 @@ class _Runner:
             got == case.decision
             and (case.status is None or case.status == decision.http_status)
             and (case.reason is None or case.reason == decision.reason)
+            and (
+                case.audit_outcome is None
+                or case.audit_outcome == (decision.audit_outcome or "none")
+            )
         )
         if ok:
             return None
+        audit = f" (audit {decision.audit_outcome or 'none'})" if case.audit_outcome else ""
         if decision.allowed:
-            return f"allow (binding {decision.matched_rule.split('/', 1)[0]})"
-        return f"deny/{decision.http_status}/{decision.reason}"
+            return f"allow (binding {decision.matched_rule.split('/', 1)[0]}){audit}"
+        return f"deny/{decision.http_status}/{decision.reason}{audit}"
 
 
 def default_policy_path(tests_path: Path) -> Path:
@@ -303,7 +399,11 @@ def run_tests(paths: list[Path], policy_path: Path | None, state_dir: Path) -> i
             file=sys.stderr,
         )
         return 2
-    runner = _Runner(policy, policy_path, state_dir)
+    try:
+        runner = _Runner(policy, policy_path, state_dir)
+    except explain.InputError as exc:
+        print(f"meshward test: {exc}", file=sys.stderr)
+        return 2
     total = passed = 0
     errors = 0
     for test_file in files:

@@ -65,7 +65,7 @@ def test_explain_deny_lists_failing_conditions(
     assert "subject not in subjects (bob not in [alice])" in alice
     assert "method not allowed (POST not in [GET])" in alice
     customers = lines["binding customers-read-catalog (catalog-reader)"]
-    assert "no group in groups [customers] (token groups: staff)" in customers
+    assert "no group in groups [customers] (identity groups: staff)" in customers
     assert "path does not match" in customers
 
 
@@ -78,7 +78,7 @@ def test_explain_without_route_and_without_token(
     assert main(["explain", "--policy", str(policy), "--path", "/orders"]) == 1
     out = capsys.readouterr().out
     assert "decision: DENY 401 missing_token" in out
-    assert "no user token" in out
+    assert "no user identity" in out
 
 
 def test_explain_input_errors_exit_2_without_traceback(
@@ -112,7 +112,7 @@ def test_explain_mints_demo_tokens_when_the_demo_issuer_is_trusted(
     assert main([*args, "--sub", "carol", "--groups", "customers"]) == 0
     assert "user carol (customers) via jwt" in capsys.readouterr().out
     assert main([*args, "--sub", "carol"]) == 1
-    assert "token groups: none" in capsys.readouterr().out
+    assert "identity groups: none" in capsys.readouterr().out
 
 
 def test_route_matcher_mirrors_the_translator(tmp_path: Path, keys: Keys) -> None:

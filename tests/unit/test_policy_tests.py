@@ -139,3 +139,68 @@ def test_subprocess_on_the_shipped_demo_tests(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().startswith("PASS: ")
+
+
+RULES_POLICY = DEMO_POLICY.replace(
+    "bindings:\n",
+    """\
+bindings:
+  - name: no-orders-from-outside
+    role: orders-reader
+    effect: deny
+    not_source_ips: [10.0.0.0/8]
+  - name: tenants-only
+    role: orders-reader
+    subjects: [zed]
+    claims: {{tenant: acme}}
+  - name: try-dave
+    role: orders-reader
+    subjects: [dave]
+    mode: audit
+""",
+    1,
+)
+
+
+def test_cases_with_claims_source_ip_headers_and_audit_outcome(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert "role: orders-reader" in RULES_POLICY  # the base policy has the role we bind
+    cases = """\
+    - name: inside
+      request: {path: /orders/1, subject: zed, claims: {tenant: acme}, source_ip: 10.0.0.9}
+      expect: {decision: allow}
+    - name: outside is denied first
+      request: {path: /orders/1, subject: zed, claims: {tenant: acme}, source_ip: 192.0.2.1}
+      expect: {decision: deny, reason: denied_by_rule}
+    - name: other tenant
+      request: {path: /orders/1, subject: zed, claims: {tenant: other}, source_ip: 10.0.0.9}
+      expect: {decision: deny, status: 403, reason: forbidden}
+    - name: dave is a dry run
+      request: {path: /orders/1, subject: dave, source_ip: 10.0.0.9, port: 18080,
+                headers: {x-trace: "1"}}
+      expect: {decision: deny, reason: forbidden, audit_outcome: would_allow}
+    - name: wrong audit expectation
+      request: {path: /orders/1, subject: zed, claims: {tenant: acme}, source_ip: 10.0.0.9}
+      expect: {decision: allow, audit_outcome: would_deny}
+    """
+    policy = write_policy(tmp_path / "policies", RULES_POLICY)
+    (policy / "tests").mkdir()
+    (policy / "tests" / "t.yaml").write_text(textwrap.dedent(cases))
+    assert run(tmp_path, str(policy / "tests")) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        f"{policy / 'tests' / 't.yaml'}:14: case wrong audit expectation: expected "
+        "allow/audit would_deny, got allow (binding tenants-only) (audit none)",
+        "FAIL: 1/5",
+    ]
+    (policy / "tests" / "t.yaml").write_text(
+        "- name: bad\n  request: {path: /x, source_ip: 10.0.0.0/8, port: 0, claims: {a: 1}}\n"
+        "  expect: {decision: deny, audit_outcome: maybe}\n"
+    )
+    assert run(tmp_path, str(policy / "tests")) == 2
+    out = capsys.readouterr().out
+    assert "bad.request.source_ip: '10.0.0.0/8' is not an IP address" in out
+    assert "bad.request.port: expected a port (1-65535)" in out
+    assert "bad.request.claims: needs 'subject'" in out
+    assert "bad.expect.audit_outcome: expected one of none, would_deny, would_allow" in out
