@@ -28,7 +28,7 @@ from authz.decision_log import DecisionLog
 from authz.metrics import AuthzMetrics
 from authz.request import AuthzRequest
 from authz.response import to_check_response
-from authz.tracing import record_check_span, trace_id_hex
+from authz.tracing import DecisionSpans
 from meshward.policy.model import Responses
 
 _log = logging.getLogger("meshward.authz")
@@ -48,7 +48,7 @@ class Checker:
     ) -> None:
         #: Replaced whole by reloads (one reference store: atomic under the GIL).
         self.policy = policy
-        self._tracer = tracer
+        self._spans = DecisionSpans(tracer)
         self._metrics = metrics
         self._log = decision_log if decision_log is not None else DecisionLog(background=False)
 
@@ -102,8 +102,7 @@ class Checker:
     ) -> None:
         """Span, log line and metrics; a failure here never changes the decision."""
         try:
-            span_context = record_check_span(
-                self._tracer,
+            trace_id = self._spans.record(
                 decision,
                 request,
                 metadata,
@@ -111,7 +110,7 @@ class Checker:
                 end_ns=time.time_ns(),
                 internal_error=internal_error,
             )
-            self._log.record(decision, request, trace_id_hex(span_context), start_ns / 1e9)
+            self._log.record(decision, request, trace_id, start_ns / 1e9)
             if self._metrics is not None:
                 self._metrics.observe(
                     decision.allowed, decision.reason, time.perf_counter() - started

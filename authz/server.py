@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -66,6 +67,39 @@ def _parse_check_request(data: bytes) -> external_auth_pb2.CheckRequest | _Undec
     except DecodeError:
         return _UNDECODABLE
     return message
+
+
+#: The Check handler a server runs: the decoded request (or :data:`_UNDECODABLE`) and
+#: the call context in, the response out.
+CheckHandler = Callable[
+    [external_auth_pb2.CheckRequest | _Undecodable, grpc.ServicerContext],
+    external_auth_pb2.CheckResponse,
+]
+
+
+def new_check_server(check: CheckHandler, workers: int) -> grpc.Server:
+    """A grpcio sync server with ``check`` registered as ``Authorization/Check``.
+
+    Every setting of the serving engine lives here (worker threads, channel options,
+    how the handler is registered), so the bench's do-nothing baseline is served
+    exactly like :class:`AuthzService`. The caller adds ports (and other services) and
+    starts it.
+    """
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="authz"),
+        # Fail loudly on a port already in use instead of sharing it.
+        options=[("grpc.so_reuseport", 0)],
+    )
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            check,
+            request_deserializer=_parse_check_request,
+            response_serializer=external_auth_pb2.CheckResponse.SerializeToString,
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    return server
 
 
 class AuthzService:
@@ -118,22 +152,7 @@ class AuthzService:
         with self._lock:
             if self._server is not None:
                 return self._port
-            server = grpc.server(
-                ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="authz"),
-                # Fail loudly on a port already in use instead of sharing it.
-                options=[("grpc.so_reuseport", 0)],
-            )
-            handlers = {
-                "Check": grpc.unary_unary_rpc_method_handler(
-                    self._check,
-                    request_deserializer=_parse_check_request,
-                    response_serializer=external_auth_pb2.CheckResponse.SerializeToString,
-                )
-            }
-            server.add_generic_rpc_handlers(
-                (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
-            )
-            server.add_registered_method_handlers(SERVICE_NAME, handlers)
+            server = new_check_server(self._check, self._workers)
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
             try:
                 if self._tls is not None:

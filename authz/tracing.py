@@ -1,4 +1,4 @@
-"""One OpenTelemetry span per Check, under the right parent.
+"""One OpenTelemetry span per Check, under the right parent, exported cheaply.
 
 Parent choice (verified with Envoy 1.40, see DESIGN.md): when Envoy traces the
 request it makes a CLIENT span for the ext_authz call and sends *that* span's
@@ -12,28 +12,57 @@ client sent, unchanged. So the parent is, in order:
 2. else the request header ``traceparent`` (Envoy is not tracing);
 3. else a new root.
 
-An unparsable ``traceparent`` counts as absent. ``x-request-id`` is recorded either
-way: Envoy's own ``ingress`` span carries the same value.
+An unparsable ``traceparent`` counts as absent (the W3C rules of the SDK's
+``TraceContextTextMapPropagator``). ``x-request-id`` is recorded either way: Envoy's
+own ``ingress`` span carries the same value.
 
-The span is created *after* the decision with its real start time and every
-attribute at once (cheaper than setting them one by one). Spans never carry tokens,
-headers or policy text. authz never installs a global tracer provider: the
-:class:`~opentelemetry.trace.Tracer` is injected; :func:`setup_tracer_provider` is for
-the process entry point.
+The span is made *after* the decision with its real start and end times and every
+attribute at once. Spans never carry tokens, headers or policy text. authz never
+installs a global tracer provider: the :class:`~opentelemetry.trace.Tracer` is
+injected; :func:`setup_tracer_provider` is for the process entry point.
+
+Cost (measured with ``bench/authz_bench.py``; the span was the largest part of a
+Check's own work): the SDK's generic ``start_span``/``end`` path costs ~34 µs per span
+(attribute validation under a lock, a mutable span, then a second read-only copy at
+``end``), and the stock OTLP encoder ~50 µs more per span in the export thread, which
+also held the GIL for ~27 ms per 512-span batch and stalled every Check behind it. So:
+
+- :class:`DecisionSpans` hands the SDK's span processors a finished ``ReadableSpan``
+  directly (same sampler, ids, resource, scope and processors; attributes are
+  already clean primitives) whenever the tracer is the SDK's and its processors are
+  the SDK's simple/batch processors, whose start/ending hooks do nothing; anything
+  else (another tracer, custom processors, span limits on values, SDK self-metrics)
+  goes through the generic ``start_span`` path, unchanged;
+- :func:`setup_tracer_provider` exports in batches of 64 spans (unless
+  ``OTEL_BSP_*`` says otherwise) with the stock OTLP exporter whose encoder is swapped
+  for a :class:`SpanEncoder` (:func:`lean_otlp_exporter`): the same
+  ``ExportTraceServiceRequest``, checked against the stock encoder at start.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterable, Mapping
+import re
+import struct
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.trace import SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.sdk.trace import ReadableSpan, SynchronousMultiSpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import Tracer as SdkTracer
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
 
 from authz.decision import Decision
 from authz.request import AuthzRequest
@@ -48,48 +77,98 @@ PARENT_NONE = "root"
 #: Environment variables that, when any is set, turn the OTLP exporter on.
 OTLP_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
-_PROPAGATOR = TraceContextTextMapPropagator()
+#: Batch processor settings used unless the operator sets the ``OTEL_BSP_*`` variable:
+#: small batches, so the export thread never holds the GIL long enough to stall Checks.
+BATCH_DEFAULTS = {
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": ("max_export_batch_size", 64),
+    "OTEL_BSP_SCHEDULE_DELAY": ("schedule_delay_millis", 500),
+}
+
+#: The most attributes a decision span has (the lean path needs the SDK's limit ≥ this).
+MAX_ATTRIBUTES = 16
+
+_log = logging.getLogger("meshward.authz")
+
+# W3C trace context, as the SDK's TraceContextTextMapPropagator reads it.
+_TRACEPARENT = re.compile(
+    r"^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:(-.*)|[ \t]*)$"
+)
+_TRACEPARENT_MAX_LENGTH = 512
+_TRACESTATE_MAX_LENGTH = 512
+_NO_TRACE_ID = "0" * 32
+_NO_SPAN_ID = "0" * 16
+_UNSET = Status(StatusCode.UNSET)
+_INTERNAL_ERROR = Status(StatusCode.ERROR, "internal error")
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_RANDOM_TRACE_ID = int(getattr(TraceFlags, "RANDOM_TRACE_ID", 0))
 
 
 class TracingSetupError(Exception):
     """The OTLP exporter cannot be loaded; the message says how to repair the install."""
 
 
-def _carrier(traceparent: str | None, tracestate: str | None) -> dict[str, str] | None:
-    if not traceparent:
+# -- the parent ---------------------------------------------------------------------------
+
+
+def parse_traceparent(traceparent: str | None, tracestate: str | None) -> SpanContext | None:
+    """The remote span context of a W3C ``traceparent`` (+ ``tracestate``), or ``None``
+    when absent or not valid. An empty ``tracestate`` counts as absent."""
+    if not traceparent or len(traceparent) > _TRACEPARENT_MAX_LENGTH:
         return None
-    carrier = {"traceparent": traceparent}
-    if tracestate:  # empty tracestate = absent
-        carrier["tracestate"] = tracestate
-    return carrier
-
-
-def _extract(carrier: dict[str, str] | None) -> Context | None:
-    if carrier is None:
+    match = _TRACEPARENT.match(traceparent)
+    if match is None:
         return None
-    context = _PROPAGATOR.extract(carrier)
-    if trace.get_current_span(context).get_span_context().is_valid:
-        return context
-    return None
+    version, trace_id, span_id, flags, rest = match.groups()
+    if trace_id == _NO_TRACE_ID or span_id == _NO_SPAN_ID:
+        return None
+    if (version == "00" and rest) or version == "ff":
+        return None
+    state = None
+    if tracestate and len(tracestate) <= _TRACESTATE_MAX_LENGTH:
+        state = TraceState.from_header([tracestate])
+    return SpanContext(
+        trace_id=int(trace_id, 16),
+        span_id=int(span_id, 16),
+        is_remote=True,
+        trace_flags=TraceFlags(int(flags, 16)),
+        trace_state=state,
+    )
 
 
-def parent_context(
+def _parent(
     metadata: Iterable[tuple[str, Any]] | None, headers: Mapping[str, str]
-) -> tuple[Context, str]:
-    """The decision span's parent context and where it came from (``PARENT_*``)."""
+) -> tuple[SpanContext | None, str]:
     traceparent = tracestate = None
     for key, value in metadata or ():
         if key == "traceparent":
             traceparent = value if isinstance(value, str) else None
         elif key == "tracestate":
             tracestate = value if isinstance(value, str) else None
-    context = _extract(_carrier(traceparent, tracestate))
-    if context is not None:
-        return context, PARENT_GRPC_METADATA
-    context = _extract(_carrier(headers.get("traceparent"), headers.get("tracestate")))
-    if context is not None:
-        return context, PARENT_HTTP_HEADER
-    return Context(), PARENT_NONE
+    parent = parse_traceparent(traceparent, tracestate)
+    if parent is not None:
+        return parent, PARENT_GRPC_METADATA
+    parent = parse_traceparent(headers.get("traceparent"), headers.get("tracestate"))
+    if parent is not None:
+        return parent, PARENT_HTTP_HEADER
+    return None, PARENT_NONE
+
+
+def _as_context(parent: SpanContext | None) -> Context:
+    if parent is None:
+        return Context()
+    return trace.set_span_in_context(NonRecordingSpan(parent), Context())
+
+
+def parent_context(
+    metadata: Iterable[tuple[str, Any]] | None, headers: Mapping[str, str]
+) -> tuple[Context, str]:
+    """The decision span's parent context and where it came from (``PARENT_*``)."""
+    parent, source = _parent(metadata, headers)
+    return _as_context(parent), source
+
+
+# -- the span -----------------------------------------------------------------------------
 
 
 def span_attributes(
@@ -111,7 +190,12 @@ def span_attributes(
         ("meshward.gateway", decision.gateway),
         ("meshward.policy_version", decision.policy_version),
         ("meshward.matched_rule", decision.matched_rule),
+        ("meshward.audit_outcome", decision.audit_outcome),
     )
+    if decision.audit:
+        # Dry-run rules that applied, "<effect>:<rule>" joined by "," (a string, so the
+        # lean span path and every exporter carry it unchanged).
+        attributes["meshward.audit"] = ",".join(decision.audit)
     if request is not None:
         optional += (
             ("http.request.method", request.method),
@@ -129,6 +213,144 @@ def span_attributes(
     return attributes
 
 
+#: Span processors whose ``on_start``/``_on_ending`` hooks do nothing, so a finished
+#: span can be handed straight to ``on_end``.
+_PASSIVE_PROCESSORS = (SimpleSpanProcessor, BatchSpanProcessor)
+
+
+class DecisionSpans:
+    """Makes the decision span of each Check with one tracer (see the module docstring).
+
+    :meth:`record` returns the span's trace id as 32 hex digits (for the decision log),
+    whether or not the span is sampled.
+    """
+
+    def __init__(self, tracer: trace.Tracer) -> None:
+        self._tracer = tracer
+        self._lean = _lean_capable(tracer)
+        # (processor tuple last seen, whether it allows the lean path): one reference,
+        # so worker threads never read a tuple with another tuple's verdict.
+        self._verdict: tuple[object, bool] = (None, False)
+
+    def record(
+        self,
+        decision: Decision,
+        request: AuthzRequest | None,
+        metadata: Iterable[tuple[str, Any]] | None,
+        *,
+        start_ns: int,
+        end_ns: int,
+        internal_error: bool = False,
+    ) -> str:
+        parent, source = _parent(metadata, request.headers if request is not None else {})
+        attributes = span_attributes(decision, request, source)
+        status = _INTERNAL_ERROR if internal_error else _UNSET
+        if self._lean and self._lean_now():
+            context = self._lean_span(parent, attributes, status, start_ns, end_ns)
+        else:
+            span = self._tracer.start_span(
+                SPAN_NAME,
+                context=_as_context(parent),
+                kind=SpanKind.SERVER,
+                attributes=attributes,
+                start_time=start_ns,
+            )
+            if internal_error:
+                span.set_status(_INTERNAL_ERROR)
+            span.end(end_time=end_ns)
+            context = span.get_span_context()
+        return trace_id_hex(context)
+
+    def _lean_now(self) -> bool:
+        """Whether the tracer's processors (re-read each time: they can be added while
+        serving) and its enabled state still allow the lean path."""
+        tracer: Any = self._tracer
+        enabled = getattr(tracer, "_is_enabled", None)
+        if enabled is not None and not enabled():
+            return False
+        processors = getattr(tracer.span_processor, "_span_processors", None)
+        seen, passive = self._verdict
+        if processors is not seen:
+            passive = isinstance(processors, tuple) and all(
+                type(p) in _PASSIVE_PROCESSORS for p in processors
+            )
+            self._verdict = (processors, passive)
+        return passive
+
+    def _lean_span(
+        self,
+        parent: SpanContext | None,
+        attributes: dict[str, str | int],
+        status: Status,
+        start_ns: int,
+        end_ns: int,
+    ) -> SpanContext:
+        """What ``Tracer.start_span`` + ``end`` do for a span without links or events,
+        handing the processors one finished ``ReadableSpan``."""
+        tracer: Any = self._tracer
+        ids = tracer.id_generator
+        if parent is None or not parent.is_valid:
+            parent = None
+            trace_id = ids.generate_trace_id()
+            random_trace_id = ids.is_trace_id_random()
+        else:
+            trace_id = parent.trace_id
+            random_trace_id = bool(parent.trace_flags & _RANDOM_TRACE_ID)
+        sampling = tracer.sampler.should_sample(
+            _as_context(parent), trace_id, SPAN_NAME, SpanKind.SERVER, attributes, ()
+        )
+        flags = _SAMPLED if sampling.decision.is_sampled() else _NOT_SAMPLED
+        if random_trace_id and _RANDOM_TRACE_ID:
+            flags = TraceFlags(flags | _RANDOM_TRACE_ID)
+        context = SpanContext(
+            trace_id,
+            ids.generate_span_id(),
+            is_remote=False,
+            trace_flags=flags,
+            trace_state=sampling.trace_state,
+        )
+        if sampling.decision.is_recording():
+            tracer.span_processor.on_end(
+                ReadableSpan(
+                    name=SPAN_NAME,
+                    context=context,
+                    parent=parent,
+                    resource=tracer.resource,
+                    # What the SDK records too: the sampler's attributes (for the SDK's
+                    # samplers, a read-only view of ``attributes``).
+                    attributes=sampling.attributes,
+                    kind=SpanKind.SERVER,
+                    instrumentation_info=tracer.instrumentation_info,
+                    status=status,
+                    start_time=start_ns,
+                    end_time=end_ns,
+                    instrumentation_scope=tracer._instrumentation_scope,
+                )
+            )
+        return context
+
+
+def _lean_capable(tracer: trace.Tracer) -> bool:
+    """Whether ``tracer`` is one the lean path reproduces exactly: the SDK's tracer,
+    with the synchronous multi-processor, no attribute length limit, room for every
+    attribute, and no SDK self-metrics."""
+    if not isinstance(tracer, SdkTracer):
+        return False
+    needed = ("sampler", "resource", "span_processor", "id_generator", "instrumentation_info")
+    if not all(hasattr(tracer, name) for name in (*needed, "_instrumentation_scope")):
+        return False
+    if not isinstance(tracer.span_processor, SynchronousMultiSpanProcessor):
+        return False
+    limits = getattr(tracer, "_span_limits", None)
+    if limits is None or getattr(limits, "max_span_attribute_length", 0) is not None:
+        return False
+    max_attributes = getattr(limits, "max_span_attributes", None)
+    if max_attributes is not None and max_attributes < MAX_ATTRIBUTES:
+        return False
+    metrics = getattr(tracer, "_tracer_metrics", None)
+    return metrics is None or type(metrics).__name__ == "NoOpTracerMetrics"
+
+
 def record_check_span(
     tracer: trace.Tracer,
     decision: Decision,
@@ -138,20 +360,25 @@ def record_check_span(
     start_ns: int,
     end_ns: int,
     internal_error: bool = False,
-) -> trace.SpanContext:
-    """Emit the decision's span (already finished) and return its span context."""
-    context, parent = parent_context(metadata, request.headers if request is not None else {})
-    span = tracer.start_span(
-        SPAN_NAME,
-        context=context,
-        kind=SpanKind.SERVER,
-        attributes=span_attributes(decision, request, parent),
-        start_time=start_ns,
+) -> str:
+    """Emit one decision span (already finished); its trace id as hex. Serving code
+    keeps one :class:`DecisionSpans` instead of calling this."""
+    return DecisionSpans(tracer).record(
+        decision,
+        request,
+        metadata,
+        start_ns=start_ns,
+        end_ns=end_ns,
+        internal_error=internal_error,
     )
-    if internal_error:
-        span.set_status(Status(StatusCode.ERROR, "internal error"))
-    span.end(end_time=end_ns)
-    return span.get_span_context()
+
+
+def trace_id_hex(span_context: SpanContext) -> str:
+    """``trace_id`` as 32 hex digits, empty when invalid."""
+    return format(span_context.trace_id, "032x") if span_context.is_valid else ""
+
+
+# -- export -------------------------------------------------------------------------------
 
 
 def setup_tracer_provider(service_name: str) -> TracerProvider:
@@ -171,10 +398,7 @@ def setup_tracer_provider(service_name: str) -> TracerProvider:
     provider = TracerProvider(resource=resource)
     if any(os.environ.get(name) for name in OTLP_ENDPOINT_VARS):
         try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-                OTLPSpanExporter,
-            )
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+            exporter = lean_otlp_exporter()
         except ImportError as error:
             from meshward.install_check import repair_command
 
@@ -182,10 +406,239 @@ def setup_tracer_provider(service_name: str) -> TracerProvider:
                 f"the OTLP trace exporter cannot be imported ({error}); xds-protos has "
                 f"overwritten opentelemetry-proto. Repair with: {repair_command()}"
             ) from error
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        settings: dict[str, Any] = {
+            argument: default
+            for variable, (argument, default) in BATCH_DEFAULTS.items()
+            if not os.environ.get(variable)
+        }
+        provider.add_span_processor(BatchSpanProcessor(exporter, **settings))
     return provider
 
 
-def trace_id_hex(span_context: trace.SpanContext) -> str:
-    """``trace_id`` as 32 hex digits, empty when invalid."""
-    return format(span_context.trace_id, "032x") if span_context.is_valid else ""
+def lean_otlp_exporter() -> Any:
+    """The stock OTLP/gRPC span exporter (it reads the ``OTEL_EXPORTER_OTLP_*``
+    variables), encoding with a :class:`SpanEncoder` when that agrees with the stock
+    encoder on sample spans (checked here), else exactly the stock exporter. Raises
+    ``ImportError`` when the exporter cannot be imported."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import (
+        encode_spans as stock_encode,
+    )
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    encoder = SpanEncoder()
+    if not hasattr(OTLPSpanExporter, "_translate_data") or not encoder.agrees_with(stock_encode):
+        _log.warning("lean OTLP span encoding not available; using the stock encoder")
+        return OTLPSpanExporter()
+
+    class LeanOtlpSpanExporter(OTLPSpanExporter):
+        """The stock exporter, with the encoder swapped (same requests, ~5x less CPU);
+        the stock encoder for a batch the lean one does not handle."""
+
+        def _translate_data(self, data: Sequence[ReadableSpan]) -> Any:
+            request = encoder.encode(data)
+            return request if request is not None else stock_encode(data)
+
+    return LeanOtlpSpanExporter()
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_SMALL_VARINTS = tuple(bytes([n]) for n in range(0x80))
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited protobuf field: its tag byte(s), the length, the payload."""
+    return tag + _varint(len(payload)) + payload
+
+
+_FIXED64 = struct.Struct("<Q").pack
+_FIXED32 = struct.Struct("<I").pack
+_FLAG_HAS_IS_REMOTE = 0x100  # SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
+_FLAG_IS_REMOTE = 0x200  # SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
+
+
+class SpanEncoder:
+    """Spans → OTLP ``ExportTraceServiceRequest``, the message the stock
+    ``encode_spans`` makes, built as protobuf wire bytes and parsed once by protobuf's C
+    code. Serialized attribute entries are cached by (key, value): most values repeat
+    (route, service, reason, policy version, ...). Used by one export thread at a time
+    (the batch processor exports under a lock).
+    """
+
+    #: Cached attribute entries; the cache is emptied when it reaches this size.
+    CACHE_SIZE = 8192
+
+    def __init__(self) -> None:
+        self._attributes: dict[tuple[str, Any], tuple[type, bytes]] = {}
+        #: (resource, scope) by identity → (them, serialized resource field, scope field)
+        self._headers: dict[tuple[int, int], tuple[Any, Any, bytes, bytes]] = {}
+
+    def agrees_with(self, stock: Any) -> bool:
+        """Whether :meth:`encode` gives the same request as ``stock`` on spans of every
+        shape a decision span takes (root or remote parent, trace state, statuses,
+        attribute types)."""
+        resource = Resource.create({"service.name": "check", "n": 1, "f": 0.5, "b": True})
+        parent = SpanContext(7, 8, is_remote=True, trace_state=TraceState([("k", "v")]))
+        spans = [
+            ReadableSpan(
+                SPAN_NAME,
+                SpanContext((1 << 100) + i, 3 + i, is_remote=False, trace_flags=_SAMPLED),
+                parent=None if i % 2 else parent,
+                resource=resource,
+                # "c": one key, values that compare equal across types (True, 1, 1.0)
+                attributes={"s": "x" * i, "i": i - 1, "c": (True, 1, 1.0, "1")[i], "u": "é"},
+                kind=SpanKind.SERVER,
+                status=_INTERNAL_ERROR if i == 2 else _UNSET,
+                start_time=1_700_000_000_000_000_000 + i,
+                end_time=1_700_000_000_000_100_000 + i,
+            )
+            for i in range(4)
+        ]
+        try:
+            ours = self.encode(spans)
+            return ours is not None and bool(ours == stock(spans))
+        except Exception:  # any surprise: the stock encoder it is
+            _log.exception("lean OTLP span encoder failed its self-check")
+            return False
+
+    def encode(self, spans: Sequence[ReadableSpan]) -> Any:
+        """The request for ``spans``; ``None`` when one needs the stock encoder (events,
+        links, dropped attributes, non-primitive attribute values)."""
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        grouped: dict[tuple[int, int], list[bytes]] = {}
+        for span in spans:
+            encoded = self._span(span)
+            if encoded is None:
+                return None
+            key = (id(span.resource), id(span.instrumentation_scope))
+            if key not in self._headers:
+                header = self._header(span.resource, span.instrumentation_scope)
+                if header is None:
+                    return None
+                self._headers[key] = header
+            grouped.setdefault(key, []).append(encoded)
+        by_resource: dict[int, list[bytes]] = {}
+        for key, encoded_spans in grouped.items():
+            _, scope, _, scope_field = self._headers[key]
+            scope_spans = scope_field + b"".join(encoded_spans)
+            if scope is not None and scope.schema_url:
+                scope_spans += _field(b"\x1a", scope.schema_url.encode())
+            by_resource.setdefault(key[0], []).append(_field(b"\x12", scope_spans))
+        body = []
+        for key in grouped:
+            if key[0] not in by_resource:
+                continue
+            resource, _, resource_field, _ = self._headers[key]
+            entry = resource_field + b"".join(by_resource.pop(key[0]))
+            if resource.schema_url:
+                entry += _field(b"\x1a", resource.schema_url.encode())
+            body.append(_field(b"\x0a", entry))
+        if len(self._headers) > 64:  # resources and scopes are few; never grow unbounded
+            self._headers.clear()
+        return ExportTraceServiceRequest.FromString(b"".join(body))
+
+    def _attribute(self, tag: bytes, key: str, value: Any) -> bytes | None:
+        """An ``attributes`` entry (a KeyValue field numbered by ``tag``) for a primitive
+        value; None for others."""
+        from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+        kind = type(value)
+        if kind is str:
+            any_value = AnyValue(string_value=value)
+        elif kind is bool:
+            any_value = AnyValue(bool_value=value)
+        elif kind is int:
+            any_value = AnyValue(int_value=value)
+        elif kind is float:
+            any_value = AnyValue(double_value=value)
+        else:
+            return None
+        return _field(tag, KeyValue(key=key, value=any_value).SerializeToString())
+
+    def _attribute_list(self, attributes: Mapping[str, Any] | None) -> bytes | None:
+        """Resource / InstrumentationScope ``attributes`` (field 1)."""
+        parts = []
+        for key, value in (attributes or {}).items():
+            entry = self._attribute(b"\x0a", key, value)
+            if entry is None:
+                return None
+            parts.append(entry)
+        return b"".join(parts)
+
+    def _header(self, resource: Resource, scope: Any) -> tuple[Any, Any, bytes, bytes] | None:
+        """``ResourceSpans.resource`` and ``ScopeSpans.scope``, serialized."""
+        resource_attributes = self._attribute_list(resource.attributes)
+        if resource_attributes is None:
+            return None
+        scope_body = b""
+        if scope is not None:
+            if scope.name:
+                scope_body += _field(b"\x0a", scope.name.encode())
+            if scope.version:
+                scope_body += _field(b"\x12", scope.version.encode())
+            scope_attributes = self._attribute_list(scope.attributes)
+            if scope_attributes is None:
+                return None
+            scope_body += scope_attributes
+        return resource, scope, _field(b"\x0a", resource_attributes), _field(b"\x0a", scope_body)
+
+    def _span(self, span: ReadableSpan) -> bytes | None:
+        """One ``ScopeSpans.spans`` entry, fields in number order."""
+        context = span.context
+        if context is None or span.events or span.links or span.dropped_attributes:
+            return None
+        parent = span.parent
+        parts = [
+            b"\x0a\x10",
+            context.trace_id.to_bytes(16, "big"),
+            b"\x12\x08",
+            context.span_id.to_bytes(8, "big"),
+        ]
+        state = context.trace_state
+        if state:
+            parts.append(_field(b"\x1a", ",".join(f"{k}={v}" for k, v in state.items()).encode()))
+        if parent is not None:
+            parts += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
+        parts.append(_field(b"\x2a", span.name.encode()))
+        parts += (b"\x30", _varint(span.kind.value + 1))  # SpanKind.X → SPAN_KIND_X
+        if span.start_time:
+            parts += (b"\x39", _FIXED64(span.start_time))
+        if span.end_time:
+            parts += (b"\x41", _FIXED64(span.end_time))
+        cache = self._attributes
+        for item in (span.attributes or {}).items():
+            # Keyed by the (key, value) pair; the type check keeps True, 1 and 1.0 apart.
+            hit = cache.get(item)
+            if hit is not None and hit[0] is type(item[1]):
+                parts.append(hit[1])
+                continue
+            key, value = item
+            entry = self._attribute(b"\x4a", key, value)
+            if entry is None:
+                return None
+            if len(cache) >= self.CACHE_SIZE:
+                cache.clear()
+            cache[(key, value)] = (type(value), entry)
+            parts.append(entry)
+        status = span.status  # Status: message = 2, code = 3
+        status_body = _field(b"\x12", status.description.encode()) if status.description else b""
+        if status.status_code.value:
+            status_body += b"\x18" + _varint(status.status_code.value)
+        parts.append(_field(b"\x7a", status_body))
+        flags = _FLAG_HAS_IS_REMOTE
+        if parent is not None and parent.is_remote:
+            flags |= _FLAG_IS_REMOTE
+        parts += (b"\x85\x01", _FIXED32(flags))
+        return _field(b"\x12", b"".join(parts))
