@@ -45,6 +45,7 @@ install-check:
 
 bench: install
 	$(PY) bench/authz_bench.py
+	$(PY) bench/authz_scaleout_bench.py
 	$(PY) bench/xds_bench.py
 	$(PY) bench/mtls_bench.py
 
