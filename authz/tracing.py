@@ -512,7 +512,8 @@ class SpanEncoder:
 
     def encode(self, spans: Sequence[ReadableSpan]) -> Any:
         """The request for ``spans``; ``None`` when one needs the stock encoder (events,
-        links, dropped attributes, non-primitive attribute values)."""
+        links, dropped attributes, non-primitive attribute values, more than one
+        resource or scope in the batch)."""
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
             ExportTraceServiceRequest,
         )
@@ -529,6 +530,11 @@ class SpanEncoder:
                     return None
                 self._headers[key] = header
             grouped.setdefault(key, []).append(encoded)
+        if len(grouped) > 1:
+            # The stock encoder groups by resource/scope *equality*; distinct objects
+            # that compare equal are not worth matching here (decision spans share one
+            # tracer's resource and scope): exactness first, the stock encoder it is.
+            return None
         by_resource: dict[int, list[bytes]] = {}
         for key, encoded_spans in grouped.items():
             _, scope, _, scope_field = self._headers[key]
