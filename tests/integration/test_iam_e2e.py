@@ -8,6 +8,8 @@ arrive, and the bearer token does not when the policy says to strip it.
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -70,6 +72,11 @@ bindings:
   - name: staff-purge
     role: purge
     groups: [staff]
+  # A dry run: never enforced, reported in the decision log.
+  - name: try-customers-admin
+    role: admin-console
+    groups: [customers]
+    mode: audit
   # Envoy reports the TCP peer; every test client is on loopback.
   - name: no-purge-from-loopback
     role: purge
@@ -148,6 +155,25 @@ def test_mfa_route_for_a_user_without_any_grant_is_forbidden_not_a_challenge(
     assert result.status == 403
     assert result.json()["reason"] == "forbidden"
     assert "www-authenticate" not in result.headers
+    # The dry-run binding applied: the decision log says so, the response did not change.
+    line = decision_line(stack, result.json()["decision_id"])
+    assert line["audit"] == ["allow:try-customers-admin/admin-console#0"]
+    assert line["audit_outcome"] == "would_allow"
+    assert (line["decision"], line["reason"], line["subject"]) == ("deny", "forbidden", "mallory")
+
+
+def decision_line(stack: Stack, decision_id: str, timeout: float = 10.0) -> dict[str, object]:
+    """The decision log line of ``decision_id`` (written by authz's background writer)."""
+    path = stack.mesh.state_dir / "logs" / "decisions.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            for text in path.read_text().splitlines():
+                record = json.loads(text)
+                if record["decision_id"] == decision_id:
+                    return dict(record)
+        time.sleep(0.05)
+    raise AssertionError(f"no decision log line for {decision_id} in {path}")
 
 
 def test_template_host_port_header_and_claim_conditions(stack: Stack) -> None:
