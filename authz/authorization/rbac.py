@@ -299,7 +299,9 @@ class _RuleGroup:
                     exact.setdefault(pattern, []).append(rule.order)
             if b.workloads and not users:
                 workload_only[rule.order] = rule
-            if not users and not b.workloads:
+            if not users and not b.workloads and b.effect == "deny":
+                # Only a deny naming nobody applies to everyone; an allow naming nobody
+                # (which the loader rejects) grants nobody.
                 everyone.append(rule)
         self.empty = not rules
         self._by_subject = _frozen(by_subject)

@@ -23,7 +23,8 @@ the pattern names. Such paths still match ``*`` and exact patterns (where Envoy'
 normalization decides what the upstream sees).
 
 Hosts: ``api.example.com`` exactly, ``*.example.com`` for one or more labels before
-``.example.com``, ``*`` for any; compared case-insensitively, without the port.
+``.example.com``, ``*`` for any; compared case-insensitively, without the port and
+without a fully qualified name's trailing dot.
 
 Headers: ``*`` (present, any value), ``prefix*`` (starts with), or an exact value.
 """
@@ -146,21 +147,23 @@ def _template_regex(pattern: str) -> str:
 
 def host_pattern_problem(pattern: str) -> str | None:
     """Why ``pattern`` is not a host pattern, or None."""
-    if _HOST_PATTERN_RE.match(pattern):
+    if _HOST_PATTERN_RE.fullmatch(pattern):  # fullmatch: "$" would accept a final "\n"
         return None
     return "is not a host name (use 'api.example.com', '*.example.com' or '*')"
 
 
 def request_host(authority: str) -> str:
-    """The host of a ``Host``/``:authority`` value: lower case, without the port."""
+    """The host of a ``Host``/``:authority`` value: lower case, without the port and
+    without the trailing dot of a fully qualified name (``api.example.com.`` is the same
+    host as ``api.example.com``)."""
     host = authority.lower()
     if host.startswith("["):  # [v6]:port
         end = host.find("]")
         return host[: end + 1] if end >= 0 else host
     colon = host.rfind(":")
     if colon >= 0 and host.count(":") == 1:
-        return host[:colon]
-    return host
+        host = host[:colon]
+    return host[:-1] if host.endswith(".") else host
 
 
 class HostSet:
@@ -169,7 +172,7 @@ class HostSet:
     __slots__ = ("any", "exact", "suffixes")
 
     def __init__(self, patterns: tuple[str, ...]) -> None:
-        lowered = [p.lower() for p in patterns]
+        lowered = [p.lower().removesuffix(".") or p for p in patterns]
         self.any = not lowered or "*" in lowered
         self.exact = frozenset(p for p in lowered if not p.startswith("*."))
         self.suffixes = tuple(p[1:] for p in lowered if p.startswith("*."))
@@ -185,7 +188,7 @@ class HostSet:
 
 def header_name_problem(name: str) -> str | None:
     """Why ``name`` is not an HTTP header name (lower case), or None."""
-    if _HEADER_NAME_RE.match(name):
+    if _HEADER_NAME_RE.fullmatch(name):  # fullmatch: "$" would accept a final "\n"
         return None
     return "is not a header name; use lower-case letters, digits and '-' (like 'x-tenant')"
 
@@ -210,7 +213,9 @@ def cidr_problem(value: str) -> str | None:
         network = ipaddress.ip_network(value, strict=False)
     except ValueError:
         return "is not an IP address or CIDR block (like '10.0.0.0/8' or '2001:db8::/32')"
-    if str(network) != value and network.prefixlen != network.max_prefixlen:
+    try:
+        ipaddress.ip_network(value, strict=True)
+    except ValueError:
         return f"has host bits set; did you mean '{network}'?"
     return None
 
@@ -226,7 +231,7 @@ class CidrSet:
     __slots__ = ("networks",)
 
     def __init__(self, cidrs: tuple[str, ...]) -> None:
-        self.networks = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+        self.networks = tuple(_unmapped(ipaddress.ip_network(c, strict=False)) for c in cidrs)
 
     def contains(self, ip: str) -> bool:
         if not ip:
@@ -238,6 +243,17 @@ class CidrSet:
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         return any(address in network for network in self.networks)
+
+
+def _unmapped(
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A block of IPv4-mapped IPv6 addresses (``::ffff:10.0.0.0/104``) as the IPv4 block it
+    maps, since :meth:`CidrSet.contains` compares such client addresses as IPv4."""
+    mapped = getattr(network.network_address, "ipv4_mapped", None)
+    if mapped is not None and network.prefixlen >= 96:
+        return ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+    return network
 
 
 # ---- token claims ---------------------------------------------------------------------
