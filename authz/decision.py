@@ -89,6 +89,9 @@ class Decision:
     www_authenticate: str = ""
     #: The user's groups (what the groups header carries upstream on allow).
     groups: tuple[str, ...] = ()
+    #: The user's credential was an API key in the ``Authorization`` header (which the
+    #: response then removes: it is meshward's credential, not the upstream's).
+    credential_in_authorization: bool = False
     #: Dry-run (``mode: audit``) rules that applied, as ``<effect>:<rule>``.
     audit: tuple[str, ...] = ()
     #: ``would_deny`` / ``would_allow`` when enforcing the audited rules would change
@@ -112,6 +115,7 @@ class _Seen(_Common):
 
     auth_method: str
     workload: str
+    credential_in_authorization: bool
 
 
 def new_decision_id() -> str:
@@ -183,6 +187,10 @@ def decide(
         **common,
         "auth_method": _auth_method(workload_method, user_method),
         "workload": peer,
+        # An API key sent as ``Authorization: ApiKey …`` is meshward's credential: the
+        # response strips the header; a key in x-api-key leaves it to the upstream.
+        "credential_in_authorization": user_method == "api_key"
+        and request.headers.get("authorization", "").lstrip()[:7].lower() == "apikey ",
     }
     if workload_error is not None:
         return Decision(

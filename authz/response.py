@@ -12,8 +12,9 @@
   identity). When there is nothing to send (no groups, no workload) a client-supplied
   header of that name is removed (``headers_to_remove``) for the same reason.
   API keys are meshward's credential, not the upstream's: ``x-api-key`` is always
-  removed, and so is ``Authorization`` when it carried the API key or when
-  ``remove_authorization`` is set.
+  removed, and so is ``Authorization`` when it carried the API key (``Authorization:
+  ApiKey …``; a key in ``x-api-key`` leaves another scheme's ``Authorization`` to the
+  upstream) or when ``remove_authorization`` is set.
 - Deny: ``status.code = UNAUTHENTICATED`` (16) for 401s, ``PERMISSION_DENIED`` (7)
   otherwise, and ``denied_response`` with the HTTP status, ``content-type:
   application/json``, the body ``{"decision":"deny","reason":…,"decision_id":…}``
@@ -52,7 +53,7 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 
 def _groups_value(groups: tuple[str, ...]) -> str:
-    return ",".join(g for g in groups if "," not in g and g.isprintable())
+    return ",".join(g for g in groups if g and "," not in g and g.isprintable())
 
 
 def deny_body(decision: Decision) -> str:
@@ -84,7 +85,7 @@ def to_check_response(
                 headers.append(_header(name, value))
             else:
                 remove.append(name)
-        if responses.remove_authorization or "api_key" in decision.auth_method:
+        if responses.remove_authorization or decision.credential_in_authorization:
             remove.append("authorization")
         ok = external_auth_pb2.OkHttpResponse(headers=headers, headers_to_remove=remove)
         return external_auth_pb2.CheckResponse(

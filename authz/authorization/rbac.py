@@ -8,12 +8,16 @@ A *rule* is one binding with its role's permissions. It applies to a request whe
    kind needs that kind (an extra identity of the other kind does not hurt); a deny
    rule naming none applies to every request;
 2. its **conditions** hold: the client IP is in ``source_ips`` (if any) and in none of
-   ``not_source_ips`` — an unknown client IP is in no block, so an allow limited to
-   blocks fails and a deny "from outside" applies (fail closed both ways); every claim
-   condition holds for the user's verified token (no token claims, no match);
+   ``not_source_ips``; every claim condition holds for the user's verified token (no
+   token claims, no match);
 3. one of its role's **permissions** matches: method, path pattern, host, port,
    required headers and service, each empty = any (see
    :mod:`meshward.policy.matching` for pattern meaning).
+
+What authz cannot see fails closed both ways: an unknown client address (or one that
+does not parse), an unknown listener port or host, and a path with dot segments make
+an allow's limit on them fail and a deny's limit on them hold — so a deny "from
+outside" or "on /admin/*" applies, and an allow "from inside" does not.
 
 Rules are grouped by ``(effect, mode)``: enforced denies, enforced allows, audited
 denies, audited allows. :meth:`RbacIndex.evaluate` finds the first applying rule (in
@@ -133,16 +137,19 @@ class _CompiledPermission:
             headers=tuple((h.name, h.value) for h in permission.headers),
         )
 
-    def matches(self, q: _Query) -> bool:
+    def matches(self, q: _Query, deny: bool) -> bool:
+        """Whether ``q`` matches. An unknown port or host (0, empty) or a path that is
+        not plain fails an allow's limit on it and meets a deny's (``deny``): both ways
+        the request is not let through on something authz could not see."""
         if self.methods and q.method not in self.methods:
             return False
         if self.services and q.service not in self.services:
             return False
-        if self.ports and q.port not in self.ports:
+        if self.ports and (q.port not in self.ports if q.port else not deny):
             return False
-        if not self.hosts.any and not self.hosts.matches(q.host):
+        if not self.hosts.any and (not self.hosts.matches(q.host) if q.host else not deny):
             return False
-        if not self.paths.matches(q.path, q.plain):
+        if not self.paths.matches(q.path, q.plain, unplain_matches=deny):
             return False
         headers = q.headers
         return all(header_value_matches(want, headers.get(name)) for name, want in self.headers)
@@ -181,6 +188,9 @@ class _Rule:
 
     order: int  # the binding's position in the policy: the first in policy order wins
     binding: Binding
+    #: ``effect: deny``: unknown facts (client address, port, host, a path that is not
+    #: plain) make it apply rather than not (fail closed).
+    deny: bool
     permissions: tuple[_CompiledPermission, ...]
     source_ips: CidrSet | None
     not_source_ips: CidrSet | None
@@ -189,14 +199,19 @@ class _Rule:
 
     def applies(self, q: _Query, user: Identity | None) -> RuleMatch | None:
         """The matching permission's :class:`RuleMatch` if conditions hold, else None."""
-        if self.source_ips is not None and not self.source_ips.contains(q.source_ip):
-            return None
-        if self.not_source_ips is not None and self.not_source_ips.contains(q.source_ip):
-            return None
+        if self.source_ips is not None:
+            inside = self.source_ips.contains(q.source_ip)
+            if not inside if inside is not None else not self.deny:
+                return None
+        if self.not_source_ips is not None:
+            inside = self.not_source_ips.contains(q.source_ip)
+            if inside if inside is not None else not self.deny:
+                return None
         if self.claims and not _claims_hold(self.claims, user):
             return None
+        deny = self.deny
         for i, permission in enumerate(self.permissions):
-            if permission.matches(q):
+            if permission.matches(q, deny):
                 return self.matches[i]
         return None
 
@@ -386,6 +401,7 @@ class RbacIndex:
             rule = _Rule(
                 order=order,
                 binding=binding,
+                deny=binding.effect == "deny",
                 permissions=tuple(_CompiledPermission.of(p) for p in role.permissions),
                 source_ips=CidrSet(binding.source_ips) if binding.source_ips else None,
                 not_source_ips=CidrSet(binding.not_source_ips) if binding.not_source_ips else None,
@@ -467,10 +483,15 @@ class RbacIndex:
                 f"source IP not allowed ({q.source_ip or '(unknown)'} not in "
                 f"{_listing(b.source_ips)})"
             )
-        if rule.not_source_ips is not None and rule.not_source_ips.contains(q.source_ip):
-            problems.append(
-                f"source IP excluded ({q.source_ip} in not_source_ips {_listing(b.not_source_ips)})"
-            )
+        if rule.not_source_ips is not None:
+            inside = rule.not_source_ips.contains(q.source_ip)
+            if inside is None:
+                problems.append("source IP unknown (not_source_ips needs a known address)")
+            elif inside:
+                problems.append(
+                    f"source IP excluded ({q.source_ip} in not_source_ips "
+                    f"{_listing(b.not_source_ips)})"
+                )
         for condition in b.claims:
             claims = user.claims if user is not None else None
             if claims is None:

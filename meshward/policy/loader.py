@@ -631,11 +631,18 @@ class _Reader:
                 ints[key] = self.integer(fields[key][1], f"{what}.{key}", low, high)
         acr_levels: tuple[str, ...] = ()
         if "acr_levels" in fields:
-            acr_levels = tuple(
-                dict.fromkeys(
-                    a for a, _ in self.strings(fields["acr_levels"][1], f"{what}.acr_levels")
-                )
-            )
+            levels = []
+            for level, lnode in self.strings(fields["acr_levels"][1], f"{what}.acr_levels"):
+                # They are quoted, space-separated, in the RFC 9470 challenge's acr_values.
+                if not level.isprintable() or any(c in level for c in ' "\\'):
+                    self.error(
+                        lnode,
+                        f"{what}.acr_levels: '{level}' may not contain spaces, quotes, "
+                        "backslashes or control characters",
+                    )
+                elif level not in levels:
+                    levels.append(level)
+            acr_levels = tuple(levels)
         keys = self.read_issuer_keys(node, fields, what)
         if (
             name is None
@@ -1035,7 +1042,7 @@ class _Reader:
         claims = self.read_claim_conditions(fields["claims"][1], f"{what}.claims") if (
             "claims" in fields
         ) else ()  # fmt: skip
-        if not subjects and not groups and not workloads and effect != "deny":
+        if not subjects and not groups and not workloads and effect == "allow":
             self.error(
                 node,
                 f"{what}: grants its role to nobody; list 'subjects', 'groups' and/or "
@@ -1080,7 +1087,9 @@ class _Reader:
             for item in items:
                 if isinstance(item, ScalarNode) and item.tag in (_STR, _INT, _BOOL) and item.value:
                     text = str(item.value)
-                    values.append(text.lower() if item.tag == _BOOL else text)
+                    if item.tag == _BOOL:  # YAML 1.1 spellings (yes/on/…) as JSON text
+                        text = "true" if text.lower() in ("true", "yes", "on", "y") else "false"
+                    values.append(text)
                 else:
                     self.error(
                         item,

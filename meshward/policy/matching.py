@@ -14,13 +14,15 @@ Paths (permissions' ``paths``), compared against the request path as Envoy saw i
 - ``*.json``: a suffix;
 - ``/orders/{*}/items``, ``/static/{**}``: a segment template, Istio-style: ``{*}`` is
   exactly one non-empty segment, ``{**}`` (last segment only) the rest of the path,
-  possibly empty. Operators fill whole segments (``/a{*}`` is an error).
+  possibly empty (``/static/{**}`` matches ``/static/`` and below, not ``/static``).
+  Operators fill whole segments (``/a{*}`` is an error).
 
 Every pattern but ``*`` and an exact path needs a *plain* path: a path with a dot
 segment (``.``/``..``, also percent-encoded, or behind a backslash or an encoded slash)
-never matches it, since an upstream that normalizes the path could land outside what
-the pattern names. Such paths still match ``*`` and exact patterns (where Envoy's own
-normalization decides what the upstream sees).
+never matches it in an allow, since an upstream that normalizes the path could land
+outside what the pattern names — and always matches it in a deny, for the same reason
+(fail closed both ways). Such paths still match ``*`` and exact patterns. (Envoy
+normalizes paths before ext_authz, so they are rare behind it.)
 
 Hosts: ``api.example.com`` exactly, ``*.example.com`` for one or more labels before
 ``.example.com``, ``*`` for any; compared case-insensitively, without the port and
@@ -105,12 +107,16 @@ class PathSet:
         templates = [_template_regex(p) for p in patterns if _kind(p) == "template"]
         self.template = re.compile("|".join(templates)) if templates else None
 
-    def matches(self, path: str, plain: bool) -> bool:
-        """Whether ``path`` matches; ``plain`` is :func:`is_plain_path` of it."""
+    def matches(self, path: str, plain: bool, *, unplain_matches: bool = False) -> bool:
+        """Whether ``path`` matches; ``plain`` is :func:`is_plain_path` of it.
+
+        A path that is not plain never matches a wildcard pattern — unless
+        ``unplain_matches`` (deny rules: failing closed, it then matches every wildcard
+        pattern, since where it lands after normalization is unknown)."""
         if self.any or path in self.exact:
             return True
         if not plain:
-            return False
+            return unplain_matches and bool(self.prefixes or self.suffixes or self.template)
         if self.prefixes and path.startswith(self.prefixes):
             return True
         if self.suffixes and path.endswith(self.suffixes):
@@ -233,13 +239,15 @@ class CidrSet:
     def __init__(self, cidrs: tuple[str, ...]) -> None:
         self.networks = tuple(_unmapped(ipaddress.ip_network(c, strict=False)) for c in cidrs)
 
-    def contains(self, ip: str) -> bool:
+    def contains(self, ip: str) -> bool | None:
+        """Whether ``ip`` is in a block; None when the address is unknown (empty) or not
+        an address — callers decide which way an unknown address fails."""
         if not ip:
-            return False
+            return None
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:
-            return False
+            return None
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         return any(address in network for network in self.networks)

@@ -250,20 +250,17 @@ def test_decision_record_has_no_key(compiled: CompiledPolicy) -> None:
     assert ALICE_KEY not in json.dumps(record)
 
 
-def test_api_key_never_reaches_the_upstream() -> None:
-    """On allow, Envoy is told to strip x-api-key (and an ApiKey Authorization header)."""
-    from authz.decision import Decision
-    from authz.response import to_check_response
+def test_api_key_never_reaches_the_upstream(compiled: CompiledPolicy) -> None:
+    """On allow, Envoy is told to strip x-api-key, and Authorization only when it carried
+    the key: a key in x-api-key leaves another scheme's Authorization to the upstream."""
 
-    allowed = Decision(
-        allowed=True, http_status=200, reason="allowed", subject="svc-bot",
-        auth_method="api_key", decision_id="d1",
-    )  # fmt: skip
-    removed = list(to_check_response(allowed).ok_response.headers_to_remove)
-    assert "x-api-key" in removed and "authorization" in removed
-    jwt_allowed = Decision(
-        allowed=True, http_status=200, reason="allowed", subject="alice",
-        auth_method="jwt", decision_id="d2",
-    )  # fmt: skip
-    removed = list(to_check_response(jwt_allowed).ok_response.headers_to_remove)
-    assert "x-api-key" in removed and "authorization" not in removed
+    def removed(headers: dict[str, str]) -> list[str]:
+        request = AuthzRequest.from_check_request(testing.check_request("GET", "/orders", headers))
+        decision = decide(request, compiled, NOW)
+        assert decision.allowed and decision.auth_method == "api_key", decision
+        return list(to_check_response(decision).ok_response.headers_to_remove)
+
+    in_authorization = removed({"authorization": f"ApiKey {ALICE_KEY}"})
+    assert "x-api-key" in in_authorization and "authorization" in in_authorization
+    beside_basic = removed({"x-api-key": ALICE_KEY, "authorization": "Basic dXNlcjpwdw=="})
+    assert "x-api-key" in beside_basic and "authorization" not in beside_basic

@@ -368,14 +368,16 @@ def o_plain(path: str) -> bool:
     return "." not in segments and ".." not in segments
 
 
-def o_path(pattern: str, path: str) -> bool:
+def o_path(pattern: str, path: str, deny: bool = False) -> bool:
+    """Whether ``pattern`` matches ``path``; a deny rule's wildcard matches every path
+    with dot segments (fail closed), an allow's none."""
     if pattern == "*":
         return True
     wildcard = "*" in pattern or "{" in pattern
     if not wildcard:
         return path == pattern
     if not o_plain(path):
-        return False
+        return deny
     if pattern.startswith("*"):
         return path.endswith(pattern[1:])
     if "{" not in pattern:  # a prefix
@@ -500,14 +502,18 @@ def o_workload(pattern: str, spiffe_id: str) -> bool:
     return all(w in ("*", g) for w, g in zip(want[1:], got[1:], strict=False))
 
 
-def o_permission(p: Permission, r: Request) -> bool:
+def o_permission(p: Permission, r: Request, deny: bool = False) -> bool:
+    """Unknown port (0) or host (""): an allow's limit fails, a deny's holds."""
     headers = {**r.headers, **r.credential.headers}
+    port_ok = not p.ports or (r.port in p.ports if r.port else deny)
+    host = o_host(r.host)
+    host_ok = not p.hosts or (any(o_host_matches(h, host) for h in p.hosts) if host else deny)
     return (
         (not p.methods or r.method in p.methods)
         and (not p.services or r.service in p.services)
-        and (not p.ports or r.port in p.ports)
-        and (not p.hosts or any(o_host_matches(h, o_host(r.host)) for h in p.hosts))
-        and any(o_path(pattern, r.path) for pattern in p.paths)
+        and port_ok
+        and host_ok
+        and any(o_path(pattern, r.path, deny) for pattern in p.paths)
         and all(o_header(h.value, headers.get(h.name)) for h in p.headers)
     )
 
@@ -532,9 +538,12 @@ def o_binding(policy: Policy, b: Binding, r: Request) -> int | None:
         principals = b.effect == "deny"
     if not principals:
         return None
-    if b.source_ips and not o_in_blocks(r.source_ip, b.source_ips):
+    deny = b.effect == "deny"
+    known = o_address(r.source_ip) is not None
+    # An unknown client address: an allow's address condition fails, a deny's holds.
+    if b.source_ips and not (o_in_blocks(r.source_ip, b.source_ips) if known else deny):
         return None
-    if b.not_source_ips and o_in_blocks(r.source_ip, b.not_source_ips):
+    if b.not_source_ips and (o_in_blocks(r.source_ip, b.not_source_ips) if known else not deny):
         return None
     if b.claims:
         claims = user.claims if user is not None else None
@@ -542,7 +551,7 @@ def o_binding(policy: Policy, b: Binding, r: Request) -> int | None:
             return None
     role = next(role for role in policy.roles if role.name == b.role)
     for i, permission in enumerate(role.permissions):
-        if o_permission(permission, r):
+        if o_permission(permission, r, deny):
             return i
     return None
 

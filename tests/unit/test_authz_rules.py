@@ -398,7 +398,18 @@ def test_not_source_ips_alone() -> None:
     policy = build(Binding("not-dmz", "any", subjects=("alice",), not_source_ips=("10.9.0.0/16",)))
     assert not allows(policy, who=ALICE, source_ip="10.9.1.1")
     assert allows(policy, who=ALICE, source_ip="10.1.1.1")
-    assert allows(policy, who=ALICE, source_ip="")  # unknown: in no excluded block
+    # unknown: the allow cannot know the address is outside the excluded block
+    assert not allows(policy, who=ALICE, source_ip="")
+    assert not allows(policy, who=ALICE, source_ip="garbage")
+
+
+@pytest.mark.parametrize(("ip", "denied"), [("10.1.2.3", True), ("8.8.8.8", False), ("", True)])
+def test_deny_from_a_block_applies_to_an_unknown_address(ip: str, denied: bool) -> None:
+    policy = build(
+        Binding("users", "any", subjects=("*",)),
+        Binding("lab", "any", effect="deny", source_ips=("10.0.0.0/8",)),
+    )
+    assert (evaluate(policy, who=ALICE, source_ip=ip).deny is not None) is denied
 
 
 @pytest.mark.parametrize(("ip", "denied"), [("10.1.2.3", False), ("8.8.8.8", True), ("", True)])
@@ -847,7 +858,7 @@ def test_disabled_headers_are_neither_sent_nor_removed() -> None:
 
 
 def test_groups_with_a_comma_or_control_character_are_left_out() -> None:
-    groups = ("staff", "a,b", "tab\there", "new\nline", "del\x7f", "ops", "space ok")
+    groups = ("staff", "a,b", "", "tab\there", "new\nline", "del\x7f", "ops", "space ok")
     sent, _ = allowed_response(Responses(), bearer("alice", groups))
     assert sent["x-meshward-groups"] == ("staff,ops,space ok", OVERWRITE)
     sent, removed = allowed_response(Responses(), bearer("alice", ("a,b", "c\r\n")))

@@ -337,13 +337,13 @@ def test_header_name_problem_rejects(name: str) -> None:
         (("::ffff:10.0.0.0/104",), "::ffff:10.1.2.3", True),
         (("::ffff:10.0.0.0/104",), "11.1.2.3", False),
         (("10.0.0.0/8", "192.168.0.0/16"), "192.168.1.1", True),
-        # unknown or garbage client addresses are in no block
-        (("0.0.0.0/0", "::/0"), "", False),
-        (("0.0.0.0/0", "::/0"), "not-an-ip", False),
-        (("0.0.0.0/0", "::/0"), "10.0.0.1:80", False),
+        # unknown or garbage client addresses are unknown (None): callers fail closed
+        (("0.0.0.0/0", "::/0"), "", None),
+        (("0.0.0.0/0", "::/0"), "not-an-ip", None),
+        (("0.0.0.0/0", "::/0"), "10.0.0.1:80", None),
     ],
 )
-def test_cidr_sets(cidrs: tuple[str, ...], ip: str, expected: bool) -> None:
+def test_cidr_sets(cidrs: tuple[str, ...], ip: str, expected: bool | None) -> None:
     assert CidrSet(cidrs).contains(ip) is expected
 
 
