@@ -17,9 +17,15 @@ stderr among the process log; ``--decision-log -`` puts exactly one compact JSON
 per decision on stdout, ``--decision-log PATH`` appends them to a file (created 0600)
 rotated at ``--decision-log-max-bytes`` keeping ``--decision-log-backups`` old files.
 
+Serving engine (``--engine``, :mod:`authz.server`): ``auto`` (default; or the value of
+``MESHWARD_AUTHZ_ENGINE``) runs the fast single-threaded engine on grpcio's completion
+queue when its private-API guard passes, else the stock grpcio server with one warning
+saying why; ``fast`` refuses to start (exit 1) when the guard fails; ``stock`` is the
+stock server. ``--workers`` only sizes the stock server's thread pool.
+
 Exit codes: 0 after a clean stop, 2 for input errors (policy rejected, bad flags),
 1 when the service cannot start (address in use, decision log not writable, broken
-install). SIGHUP reloads the
+install, ``--engine fast`` unavailable). SIGHUP reloads the
 policy directory (ignored with ``--xds``); a policy that does not load is logged and
 the last good one keeps serving. ``/status`` shows the policy version and source.
 """
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
 import re
 import signal
@@ -42,6 +49,10 @@ if TYPE_CHECKING:
 SHUTDOWN_GRACE = 5.0
 #: The policy directory when neither --policy nor --xds is given.
 DEFAULT_POLICY_DIR = "policies"
+#: The environment variable that sets the default of --engine (else ``auto``).
+ENGINE_ENV = "MESHWARD_AUTHZ_ENGINE"
+#: The --engine choices (:data:`authz.server.ENGINES`, kept here so --help needs no gRPC).
+ENGINE_CHOICES = ("auto", "fast", "stock")
 
 
 def _positive_int(text: str) -> int:
@@ -119,7 +130,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--listen", default="127.0.0.1:9191", metavar="HOST:PORT", help="gRPC listen address"
     )
     parser.add_argument(
-        "--workers", type=_positive_int, default=4, metavar="N", help="gRPC worker threads"
+        "--engine",
+        choices=ENGINE_CHOICES,
+        default=None,
+        help="serving engine: 'fast' (one thread on grpcio's completion queue, faster than "
+        "the stock server; private grpcio API behind a start-up check), 'stock' (grpcio's "
+        "sync server) or 'auto' (fast when its check passes, else stock). "
+        f"Default: ${ENGINE_ENV}, else auto",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=4,
+        metavar="N",
+        help="gRPC worker threads of the stock engine",
     )
     parser.add_argument(
         "--status-listen",
@@ -168,7 +192,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit code."""
-    from authz.server import AuthzService, ListenError
+    from authz.server import AuthzService, EngineUnavailableError, ListenError
     from authz.tracing import TracingSetupError, setup_tracer_provider
     from meshward.http_status import StatusServer, parse_listen
     from meshward.logs import setup
@@ -186,6 +210,13 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as error:
             print(f"meshward authz: {flag}: {error}", file=sys.stderr)
             return 2
+    engine = args.engine if args.engine is not None else os.environ.get(ENGINE_ENV) or "auto"
+    if engine not in ENGINE_CHOICES:
+        print(
+            f"meshward authz: {ENGINE_ENV}={engine!r}: choose one of {', '.join(ENGINE_CHOICES)}",
+            file=sys.stderr,
+        )
+        return 2
     if args.node_id is not None and args.xds is None:
         print("meshward authz: --node-id only applies with --xds HOST:PORT", file=sys.stderr)
         return 2
@@ -256,14 +287,21 @@ def run(args: argparse.Namespace) -> int:
         provider.shutdown()
         print(f"meshward authz: {error}", file=sys.stderr)
         return 1
-    service = AuthzService(
-        policy,  # None with --xds: fail closed until the xDS server sends one
-        provider.get_tracer("meshward.authz"),
-        listen=args.listen,
-        workers=args.workers,
-        tls=tls,
-        decision_log=decision_log,
-    )
+    try:
+        service = AuthzService(
+            policy,  # None with --xds: fail closed until the xDS server sends one
+            provider.get_tracer("meshward.authz"),
+            listen=args.listen,
+            workers=args.workers,
+            tls=tls,
+            decision_log=decision_log,
+            engine=engine,
+        )
+    except EngineUnavailableError as error:
+        decision_log.close()
+        provider.shutdown()
+        print(f"meshward authz: --engine fast: {error}", file=sys.stderr)
+        return 1
     xds: XdsPolicySource | None = None
 
     def status_page() -> dict[str, Any]:
@@ -308,6 +346,7 @@ def run(args: argparse.Namespace) -> int:
                 "xds": args.xds,
                 "node": xds.node.id if xds is not None else None,
                 "transport": "mtls" if tls is not None else "plaintext",
+                "engine": service.engine,
                 "decision_log": decision_log.destination,
             },
         )

@@ -12,12 +12,17 @@ JWTs (500 distinct valid tokens across the three issuers), ~20% API keys, ~20% m
 decision gives is printed). Each call carries Envoy's ``traceparent`` in the gRPC
 metadata, as a tracing Envoy sends it.
 
-Processes (so each CPU figure is one process's own):
+Processes (so each CPU figure is one process's own), for each serving engine
+(``--engine``: ``stock``, ``fast`` or ``both``, the default; see :mod:`authz.server`):
 
 * the **baseline** — a Check server that answers OK without looking at the request,
-  built by the same :func:`authz.server.new_check_server` as meshward (same grpcio
-  sync server, worker count, options, handler registration and health service);
-* **meshward** — :class:`authz.server.AuthzService` with everything production has on:
+  built by the same function as meshward's server on that engine
+  (:func:`authz.server.new_check_server` for ``stock``: same grpcio sync server,
+  worker count, options, handler registration and health service;
+  :func:`authz.server.new_fast_check_server` for ``fast``: same completion-queue loop,
+  options and health service);
+* **meshward** — :class:`authz.server.AuthzService` on that engine, with everything
+  production has on:
   spans through a ``BatchSpanProcessor`` and the real OTLP/gRPC exporter
   (:func:`authz.tracing.setup_tracer_provider`, as ``meshward authz`` with
   ``OTEL_EXPORTER_OTLP_ENDPOINT``) to an OTLP sink in another process that counts the
@@ -38,7 +43,9 @@ Two measurements, each target in turn, ``--rounds`` times (medians reported):
     call's *scheduled* send time, so a stalled server is not hidden by the client
     waiting for it (no coordinated omission) → p50, p99.
 
-Prints a table and the ratios; it asserts nothing about speed.
+Prints a table and the ratios (each engine's meshward against its own baseline, and
+meshward on the fast engine against both baselines and against meshward on stock); it
+asserts nothing about speed.
 
     .venv/bin/python bench/authz_bench.py --seconds 3 --rate 1000 --rounds 3
 """
@@ -547,6 +554,7 @@ def _proc_rss_mb(pid: int) -> float:
 @dataclass(frozen=True)
 class ServerSpec:
     target: str  # "baseline" or "meshward"
+    engine: str  # "stock" or "fast"
     workers: int
     policy_dir: str
     otlp_endpoint: str
@@ -564,20 +572,28 @@ def _serve(spec: ServerSpec, conn: Connection) -> None:
         from google.rpc import status_pb2
         from grpc_health.v1 import health, health_pb2_grpc
 
-        from authz.server import new_check_server
+        from authz.engine_fast import HealthStatuses
+        from authz.server import new_check_server, new_fast_check_server
 
         ok = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=0))
 
         def check(request: Any, context: Any) -> Any:
             return ok
 
-        server = new_check_server(check, spec.workers)
-        health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        conn.send(port)
-        conn.recv()
-        server.stop(1).wait()
+        if spec.engine == "fast":
+            fast = new_fast_check_server(check, HealthStatuses())
+            conn.send(fast.add_insecure_port("127.0.0.1:0"))
+            fast.start()
+            conn.recv()
+            fast.stop(1)
+        else:
+            server = new_check_server(check, spec.workers)
+            health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            server.start()
+            conn.send(port)
+            conn.recv()
+            server.stop(1).wait()
         conn.send({})
         return
 
@@ -619,7 +635,9 @@ def _serve(spec: ServerSpec, conn: Connection) -> None:
         logger.propagate = False
         decision_log = DecisionLog()
         log_mode = "logger"
-    service = AuthzService(policy, tracer, workers=spec.workers, decision_log=decision_log)
+    service = AuthzService(
+        policy, tracer, workers=spec.workers, decision_log=decision_log, engine=spec.engine
+    )
     conn.send(service.start())
     conn.recv()
     service.stop(1)
@@ -811,7 +829,7 @@ def measure(server_pid: int, port: int, spec: LoadSpec, target: str) -> Result:
 
 
 class Server:
-    """A server process (``baseline`` or ``meshward``) for the whole run."""
+    """A server process (``baseline`` or ``meshward`` on one engine) for the whole run."""
 
     def __init__(self, spec: ServerSpec) -> None:
         context = multiprocessing.get_context("spawn")
@@ -837,7 +855,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per run")
     parser.add_argument("--concurrency", type=int, default=16, help="closed loop: in flight")
     parser.add_argument("--rate", type=float, default=1000.0, help="open loop: checks/s")
-    parser.add_argument("--workers", type=int, default=4, help="server worker threads (both)")
+    parser.add_argument(
+        "--workers", type=int, default=4, help="worker threads of the stock engine's servers"
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("both", "stock", "fast"),
+        default="both",
+        help="serving engine(s) to measure, each with its own baseline",
+    )
     parser.add_argument("--requests", type=int, default=2000, help="distinct CheckRequests")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (medians reported)")
     parser.add_argument("--seed", type=int, default=1)
@@ -859,6 +885,17 @@ def main(argv: list[str] | None = None) -> int:
     unknown = without - {"tracing", "spans", "log"}
     if unknown:
         parser.error(f"--without: unknown part(s) {', '.join(sorted(unknown))}")
+    engines = ["stock", "fast"] if args.engine == "both" else [args.engine]
+    if "fast" in engines:
+        from authz.engine_fast import fast_engine_unavailable
+
+        reason = fast_engine_unavailable()
+        if reason is not None:
+            if args.engine == "fast":
+                parser.error(f"--engine fast: unavailable here ({reason})")
+            print(f"# fast engine unavailable ({reason}): stock only")
+            engines = ["stock"]
+    targets = [f"{t}/{e}" for e in engines for t in ("baseline", "meshward")]
     rng = random.Random(args.seed)
     work_dir = Path(tempfile.mkdtemp(prefix="meshward-authz-bench-"))
     try:
@@ -889,15 +926,22 @@ def main(argv: list[str] | None = None) -> int:
         sink.start()
         otlp_port = sink_conn.recv()
         servers: dict[str, Server] = {}
-        for target in ("baseline", "meshward"):
+        for target in targets:
+            kind, engine = target.split("/")
             servers[target] = Server(
                 ServerSpec(
-                    target, args.workers, str(work.directory), f"http://127.0.0.1:{otlp_port}",
-                    str(work_dir / "decisions.log"), server_cpus, without,
+                    kind, engine, args.workers, str(work.directory),
+                    f"http://127.0.0.1:{otlp_port}", str(work_dir / f"decisions-{engine}.log"),
+                    server_cpus, without,
                 )
             )  # fmt: skip
+        described = {
+            "stock": f"stock = grpcio sync server, {args.workers} workers",
+            "fast": "fast = one thread on grpcio's completion queue",
+        }
         print(
-            f"# grpcio sync server, {args.workers} workers, same settings for both; "
+            f"# engines: {'; '.join(described[e] for e in engines)}; baseline and meshward "
+            f"share each engine's settings; "
             f"meshward: spans via BatchSpanProcessor + OTLP/gRPC exporter to a dropping "
             f"sink process, decision log to a file, metrics on; "
             f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}"
@@ -925,11 +969,13 @@ def main(argv: list[str] | None = None) -> int:
         sink_conn.send("stop")
         spans = sink_conn.recv()
         sink.join(10)
-        log_path = work_dir / "decisions.log"
-        log_lines = sum(1 for _ in log_path.open("rb")) if log_path.exists() else 0
+        log_lines: dict[str, int] = {}
+        for engine in engines:
+            path = work_dir / f"decisions-{engine}.log"
+            log_lines[engine] = sum(1 for _ in path.open("rb")) if path.exists() else 0
 
         print()
-        print(f"{'load':<22} {'target':<9} {'checks/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+        print(f"{'load':<22} {'target':<15} {'checks/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'max ms':>7} {'CPU µs/check':>12} {'csw/check':>9} {'errors':>6}")  # fmt: skip
         for r in results:
             label = (
@@ -938,7 +984,7 @@ def main(argv: list[str] | None = None) -> int:
                 else f"open, {args.rate:g}/s"
             )
             print(
-                f"{label:<22} {r.target:<9} {r.rate:>9.0f} {1e3 * r.percentile(0.5):>7.2f} "
+                f"{label:<22} {r.target:<15} {r.rate:>9.0f} {1e3 * r.percentile(0.5):>7.2f} "
                 f"{1e3 * r.percentile(0.99):>7.2f} {1e3 * max(r.latencies, default=0):>7.2f} "
                 f"{r.cpu_us:>12.0f} {r.switches_per_check:>9.1f} {r.errors:>6}"
             )
@@ -952,20 +998,32 @@ def main(argv: list[str] | None = None) -> int:
             return statistics.median(values)
 
         print()
-        meshward = infos.get("meshward", {})
-        print(
-            f"# meshward: {meshward.get('decisions', 0):.0f} decisions, {spans} spans received "
-            f"by the OTLP sink, {log_lines} decision-log lines ({meshward.get('log_mode')}, "
-            f"{meshward.get('log_dropped', 0)} dropped); RSS baseline {rss['baseline']:.0f} MB, "
-            f"meshward {rss['meshward']:.0f} MB"
-        )
+        for engine in engines:
+            meshward = infos.get(f"meshward/{engine}", {})
+            print(
+                f"# meshward/{engine}: {meshward.get('decisions', 0):.0f} decisions, "
+                f"{log_lines[engine]} decision-log lines ({meshward.get('log_mode')}, "
+                f"{meshward.get('log_dropped', 0)} dropped); RSS baseline "
+                f"{rss[f'baseline/{engine}']:.0f} MB, meshward {rss[f'meshward/{engine}']:.0f} MB"
+            )
+        print(f"# {spans} spans received by the OTLP sink (all meshward servers)")
         lagging = max((r.lag for r in results if r.mode == "open"), default=0.0)
         if lagging > 0.005:
             print(f"# note: the open-loop sender ran up to {1e3 * lagging:.1f} ms behind schedule")
-        throughput = median("closed", "meshward", "rate") / median("closed", "baseline", "rate")
-        p99 = median("open", "meshward", "p99") / median("open", "baseline", "p99")
-        print(f"throughput ratio (meshward/baseline): {throughput:.2f}   (target >= 0.85)")
-        print(f"p99 ratio at {args.rate:g}/s: {p99:.2f}   (target <= 1.25)")
+
+        def ratios(top: str, bottom: str, note: str = "") -> None:
+            throughput = median("closed", top, "rate") / median("closed", bottom, "rate")
+            p99 = median("open", top, "p99") / median("open", bottom, "p99")
+            print(
+                f"{top + ' / ' + bottom:<35} throughput {throughput:5.2f}   "
+                f"p99 at {args.rate:g}/s {p99:5.2f}{note}"
+            )
+
+        for engine in engines:
+            ratios(f"meshward/{engine}", f"baseline/{engine}", "   (target >= 0.85, <= 1.25)")
+        if len(engines) == 2:
+            ratios("meshward/fast", "baseline/stock")
+            ratios("meshward/fast", "meshward/stock")
     finally:
         if args.keep:
             print(f"# kept {work_dir}")

@@ -80,7 +80,7 @@ class Process:
 
 
 @pytest.fixture
-def serving(policy_dir: Path) -> Iterator[tuple[Process, int, int]]:
+def serving(policy_dir: Path, authz_engine: str) -> Iterator[tuple[Process, int, int]]:
     process = Process(
         [
             "--policy",
@@ -91,10 +91,13 @@ def serving(policy_dir: Path) -> Iterator[tuple[Process, int, int]]:
             "127.0.0.1:0",
             "--workers",
             "2",
+            "--engine",
+            authz_engine,
         ]
     )
     try:
         started = process.wait_for_log("authz started")
+        assert started["engine"] == authz_engine
         yield process, int(started["port"]), int(started["status_port"])
     finally:
         if process.proc.poll() is None:
@@ -199,10 +202,10 @@ DECISION_KEYS = {
 }
 
 
-def _start(policy_dir: Path, *extra: str, stdout: int = subprocess.DEVNULL) -> Process:
+def _start(policy_dir: Path, *extra: str, engine: str, stdout: int = subprocess.DEVNULL) -> Process:
     return Process(
         ["--policy", str(policy_dir), "--listen", "127.0.0.1:0",
-         "--status-listen", "127.0.0.1:0", "--workers", "2", *extra],
+         "--status-listen", "127.0.0.1:0", "--workers", "2", "--engine", engine, *extra],
         stdout=stdout,
     )  # fmt: skip
 
@@ -230,13 +233,16 @@ def _lines_when(path: Path, count: int, timeout: float = 10.0) -> list[dict[str,
     raise AssertionError(f"{path}: fewer than {count} decision lines")
 
 
-def test_decision_log_to_a_file(policy_dir: Path, key: testing.SigningKey, tmp_path: Path) -> None:
+def test_decision_log_to_a_file(
+    policy_dir: Path, key: testing.SigningKey, tmp_path: Path, authz_engine: str
+) -> None:
     path = tmp_path / "decisions.jsonl"
     process = _start(
         policy_dir,
         "--decision-log", str(path),
         "--decision-log-max-bytes", "64KiB",
         "--decision-log-backups", "2",
+        engine=authz_engine,
     )  # fmt: skip
     try:
         started = process.wait_for_log("authz started")
@@ -277,8 +283,8 @@ def test_decision_log_to_a_file(policy_dir: Path, key: testing.SigningKey, tmp_p
             process.proc.wait(10)
 
 
-def test_decision_log_to_stdout(policy_dir: Path) -> None:
-    process = _start(policy_dir, "--decision-log", "-", stdout=subprocess.PIPE)
+def test_decision_log_to_stdout(policy_dir: Path, authz_engine: str) -> None:
+    process = _start(policy_dir, "--decision-log", "-", engine=authz_engine, stdout=subprocess.PIPE)
     try:
         started = process.wait_for_log("authz started")
         with grpc.insecure_channel(f"127.0.0.1:{started['port']}") as channel:

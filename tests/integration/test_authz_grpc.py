@@ -119,7 +119,9 @@ class Running:
 
 
 @pytest.fixture(scope="module")
-def running(receiver: tuple[OtlpReceiver, int], key: testing.SigningKey) -> Iterator[Running]:
+def running(
+    receiver: tuple[OtlpReceiver, int], key: testing.SigningKey, authz_engine: str
+) -> Iterator[Running]:
     servicer, otlp_port = receiver
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
@@ -132,8 +134,11 @@ def running(receiver: tuple[OtlpReceiver, int], key: testing.SigningKey) -> Iter
         provider.get_tracer("meshward.authz"),
         workers=2,
         registry=CollectorRegistry(),
+        engine=authz_engine,
     )
+    assert service.engine == authz_engine
     port = service.start()
+    assert service.status()["engine"] == authz_engine
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = external_auth_pb2_grpc.AuthorizationStub(channel)
     yield Running(service, stub, channel, memory, provider, servicer)
@@ -326,10 +331,13 @@ def test_concurrent_checks_all_answered(running: Running, key: testing.SigningKe
     assert codes == [0] * len(messages)
 
 
-def test_stop_then_port_refuses() -> None:
+def test_stop_then_port_refuses(authz_engine: str) -> None:
     key = testing.rsa_key()
     service = AuthzService(
-        testing.demo_policy(testing.jwks(key)), TracerProvider().get_tracer("t"), workers=1
+        testing.demo_policy(testing.jwks(key)),
+        TracerProvider().get_tracer("t"),
+        workers=1,
+        engine=authz_engine,
     )
     port = service.start()
     assert service.serving()

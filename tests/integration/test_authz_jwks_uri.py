@@ -56,7 +56,9 @@ def check(stub: external_auth_pb2_grpc.AuthorizationStub, jwt: str) -> tuple[int
     return response.status.code, json.loads(response.denied_response.body)["reason"]
 
 
-def test_keys_from_jwks_uri_and_rotation_without_restart(idp: JwksServer, tls: Tls) -> None:
+def test_keys_from_jwks_uri_and_rotation_without_restart(
+    idp: JwksServer, tls: Tls, authz_engine: str
+) -> None:
     k1, k2 = testing.rsa_key("idp-1"), testing.ec_key("idp-2")
     idp.serve(k1)
     issuer = remote_issuer(idp.url, tls.ca_pem, min_refresh=1)
@@ -64,7 +66,11 @@ def test_keys_from_jwks_uri_and_rotation_without_restart(idp: JwksServer, tls: T
     policy = remote_policy(issuer)
     provider = TracerProvider()
     service = AuthzService(
-        policy, provider.get_tracer("test"), workers=2, registry=CollectorRegistry()
+        policy,
+        provider.get_tracer("test"),
+        workers=2,
+        registry=CollectorRegistry(),
+        engine=authz_engine,
     )
     port = service.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")

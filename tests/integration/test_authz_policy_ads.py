@@ -109,7 +109,7 @@ def orders_get(key: testing.SigningKey, subject: str, groups: tuple[str, ...] = 
 class AuthzProcess:
     """``python -m meshward authz --xds ...`` with its JSON log lines collected."""
 
-    def __init__(self, xds_port: int, node_id: str, ca: CertificateAuthority) -> None:
+    def __init__(self, xds_port: int, node_id: str, ca: CertificateAuthority, engine: str) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.proc = subprocess.Popen(
             [
@@ -127,6 +127,8 @@ class AuthzProcess:
                 "127.0.0.1:0",
                 "--workers",
                 "2",
+                "--engine",
+                engine,
             ],
             cwd=ROOT,
             env=env,
@@ -138,6 +140,7 @@ class AuthzProcess:
         self.lines: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
         started = self.wait_for_log("authz started")
+        assert started["engine"] == engine
         self.port = int(started["port"])
         self.status_port = int(started["status_port"])
         client = ca.issue_svid(CLIENT_ID)
@@ -287,12 +290,12 @@ def deny_reason(response: external_auth_pb2.CheckResponse) -> tuple[int, str]:
 
 
 def test_policy_updates_reach_authz_and_survive_an_xds_restart(
-    loop: Loop, key: testing.SigningKey, ca: CertificateAuthority
+    loop: Loop, key: testing.SigningKey, ca: CertificateAuthority, authz_engine: str
 ) -> None:
     a, b, c = policy_a(key), policy_b(key), policy_c(key)
     assert len({a.version, b.version, c.version}) == 3
     xds = Xds(loop, a, ca)
-    authz = AuthzProcess(xds.port, "authz-it-1", ca)
+    authz = AuthzProcess(xds.port, "authz-it-1", ca, authz_engine)
     try:
         eventually(lambda: authz.healthz() == 200, 20, "/healthz 200 under A")
         alice = orders_get(key, "alice")
@@ -376,10 +379,10 @@ def test_policy_updates_reach_authz_and_survive_an_xds_restart(
 
 
 def test_fails_closed_until_the_first_policy_then_connects_and_stops_cleanly(
-    loop: Loop, key: testing.SigningKey, ca: CertificateAuthority
+    loop: Loop, key: testing.SigningKey, ca: CertificateAuthority, authz_engine: str
 ) -> None:
     port = free_port()  # the xDS server is not up yet
-    authz = AuthzProcess(port, "authz-it-2", ca)
+    authz = AuthzProcess(port, "authz-it-2", ca, authz_engine)
     xds: Xds | None = None
     try:
         alice = orders_get(key, "alice")
@@ -546,12 +549,12 @@ def policy_response(resource: Any, version: str, nonce: str) -> discovery_pb2.Di
 
 
 def test_bad_policy_is_nacked_and_the_stream_resumes_from_the_applied_version(
-    key: testing.SigningKey, ca: CertificateAuthority
+    key: testing.SigningKey, ca: CertificateAuthority, authz_engine: str
 ) -> None:
     ads = ScriptedAds()
     authz: AuthzProcess | None = None
     try:
-        authz = AuthzProcess(ads.port, "authz-it-3", ca)
+        authz = AuthzProcess(ads.port, "authz-it-3", ca, authz_engine)
         stream = ads.next_stream()
         first = stream.next_request()
         assert first.type_url == rs.POLICY

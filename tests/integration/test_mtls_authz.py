@@ -10,6 +10,7 @@ and at the sidecar, where the peer is the gateway: authz reports it to the app i
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,7 +63,9 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
+def world(tmp_path: Path, authz_engine: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+    # ProcessMesh starts `meshward authz` with this environment: its --engine default.
+    monkeypatch.setenv("MESHWARD_AUTHZ_ENGINE", authz_engine)
     w = World(tmp_path)
     try:
         w.mesh.start()
@@ -75,7 +78,10 @@ def world(tmp_path: Path) -> Iterator[World]:
         w.orders.stop()
 
 
-def test_authz_at_the_sidecar_sees_the_gateways_spiffe_id(world: World) -> None:
+def test_authz_at_the_sidecar_sees_the_gateways_spiffe_id(world: World, authz_engine: str) -> None:
+    status_url = f"http://127.0.0.1:{world.mesh.authz_status_port}/status"
+    with urllib.request.urlopen(status_url, timeout=5) as reply:
+        assert json.loads(reply.read())["engine"] == authz_engine
     assert wait_until(lambda: world.get("/orders/1", "alice")[0] == 200, 15)
     seen = world.orders.requests[-1].headers
     assert seen["x-meshward-workload"] == EDGE
