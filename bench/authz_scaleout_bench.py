@@ -6,9 +6,10 @@ closed) and answers allowed requests itself (``direct_response``), so no upstrea
 measured; its routes are the edge gateway of the generated policy of
 ``bench/authz_bench.py`` (same generator: 10 services, 3 issuers, 50 roles, 200
 bindings, 20 API keys), each carrying the route context the translator writes.
-The authz processes are ``meshward authz --policy DIR`` (4 workers each), with what
-production has on: OTLP span export (to a sink process that counts and drops spans),
-the decision log to a file, metrics. The ``meshward_authz`` cluster lists one or both
+The authz processes are ``meshward authz --policy DIR`` (engine ``auto``: the fast
+engine when its start-up guard passes), with what production has on: OTLP span
+export (to a sink process that counts and drops spans), the decision log to a file,
+metrics. The ``meshward_authz`` cluster lists one or both
 processes as endpoints (round robin over Envoy's HTTP/2 connection to each).
 
 Load comes from ``wrk`` (Debian package ``wrk``; one thread, keep-alive connections)
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             "Envoy alone (no ext_authz)": (authz[:1], False),
         }
         print(
-            f"# Envoy --concurrency 1 + ext_authz (HTTP/2) -> meshward authz (4 workers, "
+            f"# Envoy --concurrency 1 + ext_authz (HTTP/2) -> meshward authz (engine auto, "
             f"OTLP export, decision log file, metrics); policy {work.policy.version}: "
             f"{len(work.policy.roles)} roles, {len(work.policy.bindings)} bindings, 3 issuers; "
             f"{len(requests)} JWT/API-key requests; wrk -t1 -c{args.connections} "
