@@ -206,7 +206,10 @@ def decide(
     decision = _rbac_decision(evaluation, identities, request, policy, now=now, seen=seen)
     if not policy.rbac.has_audit:
         return decision
-    return _with_audit(decision, evaluation)
+    # Would the audited allow get through the route's step-up demand if enforced?
+    mfa = policy.mfa.get(request.route)
+    mfa_met = mfa is None or (user is not None and mfa.problem(user, now) is None)
+    return _with_audit(decision, evaluation, mfa_met=mfa_met)
 
 
 def _rbac_decision(
@@ -277,10 +280,10 @@ def _rbac_decision(
     )
 
 
-def _with_audit(decision: Decision, evaluation: Evaluation) -> Decision:
+def _with_audit(decision: Decision, evaluation: Evaluation, *, mfa_met: bool) -> Decision:
     """Record the audited rules that applied, and whether enforcing them would change
     the outcome (a dry-run deny on an allowed request, a dry-run allow on a request
-    denied for want of a grant)."""
+    denied for want of a grant — when the route's MFA demand, if any, is met too)."""
     audit = tuple(
         f"{m.effect}:{m}" for m in (evaluation.audit_deny, evaluation.audit_allow) if m is not None
     )
@@ -293,6 +296,7 @@ def _with_audit(decision: Decision, evaluation: Evaluation) -> Decision:
         not decision.allowed
         and evaluation.audit_allow is not None
         and decision.reason in (reasons.FORBIDDEN, reasons.MISSING_TOKEN)
+        and mfa_met
     ):
         outcome = "would_allow"
     return replace(decision, audit=audit, audit_outcome=outcome)

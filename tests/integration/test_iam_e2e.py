@@ -148,10 +148,9 @@ def test_mfa_route_steps_up_a_password_only_token(stack: Stack) -> None:
 def test_mfa_route_for_a_user_without_any_grant_is_forbidden_not_a_challenge(
     stack: Stack,
 ) -> None:
-    result = http(
-        stack.url + "/admin/users",
-        headers={"authorization": f"Bearer {stack.token('mallory', ('customers',))}"},
-    )
+    # a strong sign-in: the dry-run allow would get through the step-up demand too
+    strong = stack.token("mallory", ("customers",), amr=["otp"], acr="high")
+    result = http(stack.url + "/admin/users", headers={"authorization": f"Bearer {strong}"})
     assert result.status == 403
     assert result.json()["reason"] == "forbidden"
     assert "www-authenticate" not in result.headers

@@ -808,6 +808,18 @@ def test_mfa_a_user_not_allowed_at_all_gets_forbidden_not_a_challenge() -> None:
     assert outcome(decide_on(denied, request(route="mfa-amr", headers=bearer()))) == DENIED
 
 
+def test_mfa_a_dry_run_allow_would_allow_only_if_the_step_up_demand_is_met() -> None:
+    policy = compiled(Binding("try-mallory", "any", subjects=("mallory",), mode="audit"))
+    weak = decide_on(policy, request(route="mfa-amr", headers=bearer("mallory", amr=["pwd"])))
+    assert outcome(weak) == FORBIDDEN
+    assert weak.audit == ("allow:try-mallory/any#0",)
+    assert weak.audit_outcome == ""  # enforcing it would give a step-up 401, not an allow
+    strong = decide_on(policy, request(route="mfa-amr", headers=bearer("mallory", amr=["otp"])))
+    assert (outcome(strong), strong.audit_outcome) == (FORBIDDEN, "would_allow")
+    plain = decide_on(policy, request(route="api", headers=bearer("mallory")))
+    assert plain.audit_outcome == "would_allow"
+
+
 # ---- responses: what an allowed request carries upstream ---------------------------------
 
 
