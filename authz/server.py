@@ -224,12 +224,17 @@ class AuthzService:
         self._checker = Checker(compiled, tracer, self._metrics, self._decision_log)
         if policy is not None:
             self._metrics.policy_loaded(policy.version)
-        # Known limit of the stock engine's grpc_health servicer (grpcio-health-checking
-        # 1.85): set() holds its lock while waiting for the serving thread, which may be
-        # running a cancelled Watch's close callback that takes the same lock, so a
-        # set_policy racing a Watch cancel can deadlock. The fast engine has no such lock.
+        # The stock engine's grpc_health servicer runs in its blocking mode: in the
+        # default non-blocking one, set() holds its lock while it sends on every open
+        # Watch stream, and a cancelled Watch's close callback (on a serving thread)
+        # takes the same lock, so a set_policy racing a Watch cancel could deadlock.
+        # Blocking mode only queues the update for the Watch's own thread; the price is
+        # one worker thread per open Watch (health watchers are orchestrators, not
+        # Envoy). The fast engine's store has neither problem.
         self._health: _Health = (
-            engine_fast.HealthStatuses() if self.engine == "fast" else health.HealthServicer()
+            engine_fast.HealthStatuses()
+            if self.engine == "fast"
+            else health.HealthServicer(experimental_non_blocking=False)
         )
         self._server: Any = None
         self._stopping = False
