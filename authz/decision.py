@@ -49,6 +49,7 @@ from dataclasses import dataclass, replace
 from typing import TypedDict
 
 from authz import reasons
+from authz.authorization.mfa import CompiledMfa
 from authz.authorization.rbac import Evaluation
 from authz.compiled import CompiledPolicy
 from authz.identity.base import AuthenticationError, Identities, Identity
@@ -206,10 +207,7 @@ def decide(
     decision = _rbac_decision(evaluation, identities, request, policy, now=now, seen=seen)
     if not policy.rbac.has_audit:
         return decision
-    # Would the audited allow get through the route's step-up demand if enforced?
-    mfa = policy.mfa.get(request.route)
-    mfa_met = mfa is None or (user is not None and mfa.problem(user, now) is None)
-    return _with_audit(decision, evaluation, mfa_met=mfa_met)
+    return _with_audit(decision, evaluation, policy.mfa.get(request.route), user, now)
 
 
 def _rbac_decision(
@@ -280,7 +278,13 @@ def _rbac_decision(
     )
 
 
-def _with_audit(decision: Decision, evaluation: Evaluation, *, mfa_met: bool) -> Decision:
+def _with_audit(
+    decision: Decision,
+    evaluation: Evaluation,
+    mfa: CompiledMfa | None,
+    user: Identity | None,
+    now: float,
+) -> Decision:
     """Record the audited rules that applied, and whether enforcing them would change
     the outcome (a dry-run deny on an allowed request, a dry-run allow on a request
     denied for want of a grant — when the route's MFA demand, if any, is met too)."""
@@ -296,7 +300,8 @@ def _with_audit(decision: Decision, evaluation: Evaluation, *, mfa_met: bool) ->
         not decision.allowed
         and evaluation.audit_allow is not None
         and decision.reason in (reasons.FORBIDDEN, reasons.MISSING_TOKEN)
-        and mfa_met
+        # … and would get through the route's step-up demand (checked only here).
+        and (mfa is None or (user is not None and mfa.problem(user, now) is None))
     ):
         outcome = "would_allow"
     return replace(decision, audit=audit, audit_outcome=outcome)

@@ -32,7 +32,7 @@ from authz.identity.jwks_remote import JwksConfigError, JwksFetchError, JwksRegi
 from authz.request import AuthzRequest
 from meshward import route_context
 from meshward.demo_keys import DEMO_AUDIENCE, DEMO_ISSUER, DemoKey, ensure_demo_key
-from meshward.policy.matching import cidr_problem
+from meshward.policy.matching import address_problem
 from meshward.policy.model import Policy, Route
 
 #: Exit codes of ``meshward explain``.
@@ -216,10 +216,9 @@ def run(
         raise InputError(f"method '{method}' is not an HTTP method (for example GET)")
     if not path.startswith("/"):
         raise InputError(f"path '{path}' must start with '/'")
-    if client.source_ip and cidr_problem(client.source_ip) is not None:
-        raise InputError(f"source IP '{client.source_ip}' is not an IP address")
-    if client.source_ip and "/" in client.source_ip:
-        raise InputError(f"source IP '{client.source_ip}' must be one address, not a block")
+    problem = address_problem(client.source_ip) if client.source_ip else None
+    if problem is not None:
+        raise InputError(f"source IP '{client.source_ip}' {problem}")
     if route:
         context = route_by_name(policy, route)
         if context is None:

@@ -31,7 +31,7 @@ from authz.compiled import CompiledPolicy
 from authz.identity.jwks_remote import JwksRegistry
 from meshward import explain
 from meshward.demo_keys import DemoKey
-from meshward.policy.matching import cidr_problem
+from meshward.policy.matching import address_problem
 from meshward.policy.model import Policy
 from meshward.policy.yaml_source import YamlSyntaxError, compose
 
@@ -217,7 +217,7 @@ class _Reader:
                 out["claims"] = claims
         if "source_ip" in fields:
             ip = self.string(fields["source_ip"], f"{what}.source_ip")
-            if ip is not None and (cidr_problem(ip) is not None or "/" in ip):
+            if ip is not None and address_problem(ip) is not None:
                 self.error(fields["source_ip"], f"{what}.source_ip: '{ip}' is not an IP address")
             elif ip is not None:
                 out["source_ip"] = ip

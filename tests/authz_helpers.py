@@ -228,3 +228,20 @@ def workload_policy(jwks_document: dict[str, Any]) -> Policy:
         bindings=(*base.bindings, *WORKLOAD_BINDINGS),
         mesh=Mesh(trust_domain=DEMO_TRUST_DOMAIN),
     )
+
+
+#: The keys every decision-log line carries (the audit trail's contract).
+DECISION_LOG_KEYS = {
+    "decision_id",
+    "ts",
+    "subject",
+    "auth_method",
+    "route",
+    "decision",
+    "matched_rule",
+    "reason",
+    "policy_version",
+    "trace_id",
+    "audit",
+    "audit_outcome",
+}

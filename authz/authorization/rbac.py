@@ -393,7 +393,8 @@ class RbacIndex:
             ("deny", "audit"): [],
             ("allow", "audit"): [],
         }
-        self._rules: dict[str, tuple[_Rule, Policy]] = {}
+        self._policy = policy
+        self._rules: dict[str, _Rule] = {}
         for order, binding in enumerate(policy.bindings):
             role = roles.get(binding.role)
             if role is None:
@@ -412,7 +413,7 @@ class RbacIndex:
                 ),
             )
             groups[(binding.effect, binding.mode)].append(rule)
-            self._rules[binding.name] = (rule, policy)
+            self._rules[binding.name] = rule
         self._deny = _RuleGroup(groups[("deny", "enforce")], workload_cache_size)
         self._allow = _RuleGroup(groups[("allow", "enforce")], workload_cache_size)
         self._audit_deny = _RuleGroup(groups[("deny", "audit")], workload_cache_size)
@@ -459,10 +460,9 @@ class RbacIndex:
         For explanations: each failed principal, condition and, when every permission
         fails, the closest permission's failed aspects.
         """
-        entry = self._rules.get(binding)
-        if entry is None:
+        rule = self._rules.get(binding)
+        if rule is None:
             return [f"binding {binding} does not exist"]
-        rule, policy = entry
         b = rule.binding
         q = _Query.of(request)
         user, workload = identities.user, identities.workload
@@ -501,7 +501,7 @@ class RbacIndex:
                     f"claim {condition.path} does not match (needs one of "
                     f"{_listing(condition.values)})"
                 )
-        role = policy.role(b.role)
+        role = self._policy.role(b.role)
         per_permission = [
             cp.problems(q, p) for cp, p in zip(rule.permissions, role.permissions, strict=True)
         ]

@@ -226,6 +226,17 @@ def cidr_problem(value: str) -> str | None:
     return None
 
 
+def address_problem(value: str) -> str | None:
+    """Why ``value`` is not one IP address (a client address), or None."""
+    if "/" in value:
+        return "must be one address, not a block"
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return "is not an IP address"
+    return None
+
+
 def normalize_cidr(value: str) -> str:
     """``10.1.2.3`` → ``10.1.2.3/32``; a valid CIDR as Python prints it."""
     return str(ipaddress.ip_network(value, strict=False))

@@ -185,23 +185,6 @@ def test_bad_listen_exits_2(policy_dir: Path) -> None:
     assert "--listen" in result.stderr and "Traceback" not in result.stderr
 
 
-#: Keys every decision-log line carries.
-DECISION_KEYS = {
-    "decision_id",
-    "ts",
-    "subject",
-    "auth_method",
-    "route",
-    "decision",
-    "matched_rule",
-    "reason",
-    "policy_version",
-    "trace_id",
-    "audit",
-    "audit_outcome",
-}
-
-
 def _start(policy_dir: Path, *extra: str, engine: str, stdout: int = subprocess.DEVNULL) -> Process:
     return Process(
         ["--policy", str(policy_dir), "--listen", "127.0.0.1:0",
@@ -262,7 +245,7 @@ def test_decision_log_to_a_file(
         assert first["decision_id"] == _decision_id(allowed)
         assert second["decision_id"] == _decision_id(denied)
         for line in lines:
-            assert line.keys() >= DECISION_KEYS
+            assert line.keys() >= testing.DECISION_LOG_KEYS
         assert {k: first[k] for k in ("subject", "auth_method", "route", "decision")} == {
             "subject": "alice",
             "auth_method": "jwt",
@@ -301,7 +284,7 @@ def test_decision_log_to_stdout(policy_dir: Path, authz_engine: str) -> None:
     (line,) = out.splitlines()  # exactly one line: the decision, nothing else
     record = json.loads(line)
     assert record["decision_id"] == _decision_id(denied)
-    assert record.keys() >= DECISION_KEYS
+    assert record.keys() >= testing.DECISION_LOG_KEYS
 
 
 @pytest.mark.parametrize(

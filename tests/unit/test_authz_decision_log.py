@@ -141,22 +141,6 @@ def test_synchronous_mode_writes_immediately(logger: logging.Logger) -> None:
 
 # -- destinations: a rotating file, stdout ----------------------------------------------
 
-#: The keys every decision-log line carries (the audit trail's contract).
-REQUIRED_KEYS = {
-    "decision_id",
-    "ts",
-    "subject",
-    "auth_method",
-    "route",
-    "decision",
-    "matched_rule",
-    "reason",
-    "policy_version",
-    "trace_id",
-    "audit",
-    "audit_outcome",
-}
-
 
 def log_files(path: Path) -> list[Path]:
     """``path`` and its rotated copies, oldest first."""
@@ -197,7 +181,7 @@ def test_file_rotation_keeps_every_line_whole_and_in_order(tmp_path: Path) -> No
     assert log.dropped == 0  # far below max_pending: nothing may be lost
     assert log.failed == 0
     for line in lines:
-        assert line.keys() >= REQUIRED_KEYS
+        assert line.keys() >= testing.DECISION_LOG_KEYS
     assert lines[0]["ts"] == "2027-01-15T08:00:00.500Z"
 
 
@@ -411,7 +395,7 @@ log.close()
     assert len(lines) == 50
     records = [json.loads(line) for line in lines]
     assert [r["decision_id"] for r in records] == [f"d{i}" for i in range(50)]
-    assert all(r.keys() >= REQUIRED_KEYS for r in records)
+    assert all(r.keys() >= testing.DECISION_LOG_KEYS for r in records)
     assert ", " not in lines[0] and '": ' not in lines[0]  # compact JSON
     assert "on stderr, not stdout" in result.stderr
     assert "decision_id" not in result.stderr
