@@ -193,7 +193,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit code."""
     from authz.server import AuthzService, EngineUnavailableError, ListenError
-    from authz.tracing import TracingSetupError, setup_tracer_provider
+    from authz.tracing import TracingSetupError, setup_tracer_provider, span_export_of
     from meshward.http_status import StatusServer, parse_listen
     from meshward.logs import setup
     from meshward.policy.errors import PolicyError
@@ -296,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
             tls=tls,
             decision_log=decision_log,
             engine=engine,
+            span_export=span_export_of(provider),
         )
     except EngineUnavailableError as error:
         decision_log.close()

@@ -14,7 +14,7 @@ from authz.authorization.rbac import RbacIndex
 from authz.identity.api_key import ApiKeyMethod
 from authz.identity.base import IdentityMethod
 from authz.identity.jwks_remote import JwksRegistry
-from authz.identity.jwt import JwtMethod
+from authz.identity.jwt import JwtMethod, TokenCacheStats
 from authz.identity.mtls import MtlsMethod
 from meshward.policy.model import Policy, Responses
 
@@ -37,7 +37,12 @@ class CompiledPolicy:
     responses: Responses = field(default_factory=Responses)
 
 
-def compile_policy(policy: Policy, *, jwks: JwksRegistry | None = None) -> CompiledPolicy:
+def compile_policy(
+    policy: Policy,
+    *,
+    jwks: JwksRegistry | None = None,
+    token_cache_stats: TokenCacheStats | None = None,
+) -> CompiledPolicy:
     """Compile ``policy``. New identity methods are added to a tuple here.
 
     ``jwks`` provides the keys of issuers with a ``jwks_uri`` (authz passes its one
@@ -46,13 +51,14 @@ def compile_policy(policy: Policy, *, jwks: JwksRegistry | None = None) -> Compi
     non-``https://`` URL or an unusable CA bundle raises
     :class:`~authz.identity.jwks_remote.JwksConfigError` (a ``ValueError``): no private
     registry is made here, since its threads would outlive the compiled policy unowned.
+    ``token_cache_stats`` counts the verified-token cache's hits and misses.
     """
     user_methods: list[IdentityMethod] = []
     if policy.api_keys:
         # First: it also rejects a request carrying both an API key and a bearer token.
         user_methods.append(ApiKeyMethod(policy.api_keys))
     if policy.issuers:
-        user_methods.append(JwtMethod(policy.issuers, jwks=jwks))
+        user_methods.append(JwtMethod(policy.issuers, jwks=jwks, cache_stats=token_cache_stats))
     return CompiledPolicy(
         version=policy.version,
         user_methods=tuple(user_methods),

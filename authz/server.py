@@ -54,7 +54,9 @@ from authz.check import Checker
 from authz.compiled import CompiledPolicy, compile_policy
 from authz.decision_log import DecisionLog
 from authz.identity.jwks_remote import JwksRegistry
+from authz.identity.jwt import TokenCacheStats
 from authz.metrics import AuthzMetrics
+from authz.span_export import CountingBatchSpanProcessor
 from authz.transport import ServerTls, TlsMaterial, peer_spiffe_ids
 from meshward.policy.model import Policy
 
@@ -204,7 +206,10 @@ class AuthzService:
         tls: ServerTls | None = None,
         decision_log: DecisionLog | None = None,
         engine: str = "auto",
+        span_export: CountingBatchSpanProcessor | None = None,
     ) -> None:
+        """``span_export``: the tracer's export processor, whose exported/dropped
+        counters become metrics (:func:`authz.tracing.span_export_of`)."""
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
         #: The engine serving calls: ``fast`` or ``stock``.
@@ -219,8 +224,15 @@ class AuthzService:
         # JWKS URLs: one registry for the process's lifetime, so a reload that keeps an
         # issuer keeps its fetcher and keys; set_policy retains only what is in use.
         self.jwks = JwksRegistry(on_fetch=self._metrics.jwks_fetched)
+        #: Hits and misses of the verified-token caches of every policy served.
+        self.token_cache_stats = TokenCacheStats()
+        scraped = self._metrics.read_at_scrape
+        scraped.token_cache = self.token_cache_stats
+        scraped.spans = span_export
+        log = self._decision_log
+        scraped.decision_log_dropped = lambda: log.dropped
         self._policy_lock = threading.Lock()
-        compiled = compile_policy(policy, jwks=self.jwks) if policy is not None else None
+        compiled = self._compile(policy) if policy is not None else None
         self._checker = Checker(compiled, tracer, self._metrics, self._decision_log)
         if policy is not None:
             self._metrics.policy_loaded(policy.version)
@@ -241,6 +253,9 @@ class AuthzService:
         self._port = 0
         self._lock = threading.RLock()
         self._tls = tls
+
+    def _compile(self, policy: Policy) -> CompiledPolicy:
+        return compile_policy(policy, jwks=self.jwks, token_cache_stats=self.token_cache_stats)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -347,7 +362,7 @@ class AuthzService:
         stops a fetcher another reload just compiled against."""
         with self._policy_lock:
             if compiled is None:
-                compiled = compile_policy(policy, jwks=self.jwks)
+                compiled = self._compile(policy)
             self._checker.policy = compiled
             self._policy = policy
             self.jwks.retain(policy.issuers)

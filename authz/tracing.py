@@ -30,13 +30,15 @@ also held the GIL for ~27 ms per 512-span batch and stalled every Check behind i
 - :class:`DecisionSpans` hands the SDK's span processors a finished ``ReadableSpan``
   directly (same sampler, ids, resource, scope and processors; attributes are
   already clean primitives) whenever the tracer is the SDK's and its processors are
-  the SDK's simple/batch processors, whose start/ending hooks do nothing; anything
+  the SDK's simple/batch processors or meshward's, whose start/ending hooks do nothing; anything
   else (another tracer, custom processors, span limits on values, SDK self-metrics)
   goes through the generic ``start_span`` path, unchanged;
-- :func:`setup_tracer_provider` exports in batches of 64 spans (unless
-  ``OTEL_BSP_*`` says otherwise) with the stock OTLP exporter whose encoder is swapped
-  for a :class:`SpanEncoder` (:func:`lean_otlp_exporter`): the same
-  ``ExportTraceServiceRequest``, checked against the stock encoder at start.
+- :func:`setup_tracer_provider` exports through a
+  :class:`~authz.span_export.CountingBatchSpanProcessor` (bounded queue, batches of 64
+  unless ``OTEL_BSP_*`` says otherwise, every dropped span counted) with the stock OTLP
+  exporter whose encoder is swapped for a :class:`SpanEncoder`
+  (:func:`lean_otlp_exporter`): the same ``ExportTraceServiceRequest``, checked
+  against the stock encoder at start.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import logging
 import os
 import re
 import struct
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -66,6 +69,7 @@ from opentelemetry.trace import (
 
 from authz.decision import Decision
 from authz.request import AuthzRequest
+from authz.span_export import CountingBatchSpanProcessor, SpanExportSettingError
 
 SPAN_NAME = "meshward.authz.check"
 
@@ -77,15 +81,8 @@ PARENT_NONE = "root"
 #: Environment variables that, when any is set, turn the OTLP exporter on.
 OTLP_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
-#: Batch processor settings used unless the operator sets the ``OTEL_BSP_*`` variable:
-#: small batches, so the export thread never holds the GIL long enough to stall Checks.
-BATCH_DEFAULTS = {
-    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": ("max_export_batch_size", 64),
-    "OTEL_BSP_SCHEDULE_DELAY": ("schedule_delay_millis", 500),
-}
-
 #: The most attributes a decision span has (the lean path needs the SDK's limit ≥ this).
-MAX_ATTRIBUTES = 16
+MAX_ATTRIBUTES = 20
 
 _log = logging.getLogger("meshward.authz")
 
@@ -205,8 +202,9 @@ def span_attributes(
     for key, value in optional:
         if value:
             attributes[key] = value
-    if decision.proxy_policy_version and decision.proxy_policy_version != decision.policy_version:
-        # The proxy's route came from another policy version (a rollout in progress).
+    if decision.proxy_policy_version:
+        # The policy version the proxy's route config came from (its context_extensions):
+        # differing from meshward.policy_version means a rollout is in progress.
         attributes["meshward.proxy_policy_version"] = decision.proxy_policy_version
     if parent != PARENT_GRPC_METADATA:  # the usual case behind a tracing Envoy: say nothing
         attributes["meshward.trace_parent"] = parent
@@ -215,7 +213,7 @@ def span_attributes(
 
 #: Span processors whose ``on_start``/``_on_ending`` hooks do nothing, so a finished
 #: span can be handed straight to ``on_end``.
-_PASSIVE_PROCESSORS = (SimpleSpanProcessor, BatchSpanProcessor)
+_PASSIVE_PROCESSORS = (SimpleSpanProcessor, BatchSpanProcessor, CountingBatchSpanProcessor)
 
 
 class DecisionSpans:
@@ -384,13 +382,15 @@ def trace_id_hex(span_context: SpanContext) -> str:
 def setup_tracer_provider(service_name: str) -> TracerProvider:
     """A tracer provider for a meshward process; not installed globally.
 
-    Spans are exported with OTLP/gRPC through a batch processor only when one of
+    Spans are exported with OTLP/gRPC through a bounded, counting batch processor
+    (:func:`span_export_of` finds it) only when one of
     ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is set (the
     exporter reads them, and the other ``OTEL_EXPORTER_OTLP_*`` settings, itself);
     otherwise spans are made (trace ids reach the decision log) but go nowhere.
     ``service_name`` is the default ``service.name``; ``OTEL_SERVICE_NAME`` overrides it. Call
     ``shutdown()`` on exit to flush. Raises :class:`TracingSetupError` when the
-    exporter cannot be imported (the xds-protos file clash).
+    exporter cannot be imported (the xds-protos file clash) or an ``OTEL_BSP_*``
+    setting is not a positive integer.
     """
     # OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES (the operator's choice) win.
     configured = "service.name" in OTELResourceDetector().detect().attributes
@@ -406,13 +406,25 @@ def setup_tracer_provider(service_name: str) -> TracerProvider:
                 f"the OTLP trace exporter cannot be imported ({error}); xds-protos has "
                 f"overwritten opentelemetry-proto. Repair with: {repair_command()}"
             ) from error
-        settings: dict[str, Any] = {
-            argument: default
-            for variable, (argument, default) in BATCH_DEFAULTS.items()
-            if not os.environ.get(variable)
-        }
-        provider.add_span_processor(BatchSpanProcessor(exporter, **settings))
+        try:
+            processor = CountingBatchSpanProcessor.from_env(exporter)
+        except SpanExportSettingError as error:
+            raise TracingSetupError(str(error)) from error
+        provider.add_span_processor(processor)
+        _EXPORTS[provider] = processor
     return provider
+
+
+#: Each provider made by :func:`setup_tracer_provider` → its export processor.
+_EXPORTS: weakref.WeakKeyDictionary[TracerProvider, CountingBatchSpanProcessor] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def span_export_of(provider: TracerProvider) -> CountingBatchSpanProcessor | None:
+    """The export processor :func:`setup_tracer_provider` gave ``provider`` (its
+    counters feed the spans-exported/dropped metrics); None when spans go nowhere."""
+    return _EXPORTS.get(provider)
 
 
 def lean_otlp_exporter() -> Any:
@@ -462,6 +474,7 @@ def _field(tag: bytes, payload: bytes) -> bytes:
 
 _FIXED64 = struct.Struct("<Q").pack
 _FIXED32 = struct.Struct("<I").pack
+_DOUBLE = struct.Struct("<d").pack
 _FLAG_HAS_IS_REMOTE = 0x100  # SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
 _FLAG_IS_REMOTE = 0x200  # SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
 
@@ -520,7 +533,10 @@ class SpanEncoder:
 
         grouped: dict[tuple[int, int], list[bytes]] = {}
         for span in spans:
-            encoded = self._span(span)
+            try:
+                encoded = self._span(span)
+            except UnicodeEncodeError:  # a lone surrogate: the stock encoder decides
+                return None
             if encoded is None:
                 return None
             key = (id(span.resource), id(span.instrumentation_scope))
@@ -557,21 +573,24 @@ class SpanEncoder:
 
     def _attribute(self, tag: bytes, key: str, value: Any) -> bytes | None:
         """An ``attributes`` entry (a KeyValue field numbered by ``tag``) for a primitive
-        value; None for others."""
-        from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-
+        value; None for others. Written directly: ``AnyValue.value`` is a oneof, so
+        even ``""``/``0``/``False`` are present, while an empty ``KeyValue.key`` (plain
+        proto3) is left out."""
         kind = type(value)
         if kind is str:
-            any_value = AnyValue(string_value=value)
+            any_value = _field(b"\x0a", value.encode())
         elif kind is bool:
-            any_value = AnyValue(bool_value=value)
+            any_value = b"\x10\x01" if value else b"\x10\x00"
         elif kind is int:
-            any_value = AnyValue(int_value=value)
+            if not -(1 << 63) <= value < 1 << 63:
+                return None  # the stock encoder's business (it raises)
+            any_value = b"\x18" + _varint(value & 0xFFFFFFFFFFFFFFFF)
         elif kind is float:
-            any_value = AnyValue(double_value=value)
+            any_value = b"\x21" + _DOUBLE(value)
         else:
             return None
-        return _field(tag, KeyValue(key=key, value=any_value).SerializeToString())
+        entry = _field(b"\x0a", key.encode()) if key else b""
+        return _field(tag, entry + _field(b"\x12", any_value))
 
     def _attribute_list(self, attributes: Mapping[str, Any] | None) -> bytes | None:
         """Resource / InstrumentationScope ``attributes`` (field 1)."""

@@ -160,8 +160,11 @@ class JwtMethod:
         jwks: JwksRegistry | None = None,
         leeway: float | None = None,
         cache_size: int = 4096,
+        cache_stats: TokenCacheStats | None = None,
     ) -> None:
-        """``leeway``, when given, overrides every issuer's ``clock_skew_seconds``.
+        """``leeway``, when given, overrides every issuer's ``clock_skew_seconds``;
+        ``cache_stats`` counts this method's cache hits and misses (shared across
+        reloads by the serving process).
 
         Issuers with a ``jwks_uri`` get their fetcher from ``jwks``; without a registry
         they raise :class:`~authz.identity.jwks_remote.JwksConfigError`.
@@ -178,7 +181,7 @@ class JwtMethod:
                 )
             else:
                 self._remote[issuer.issuer] = _RemoteIssuer(issuer, jwks.fetcher(issuer), leeway)
-        self._cache = _TokenCache(cache_size)
+        self._cache = _TokenCache(cache_size, cache_stats)
 
     def authenticate(self, request: AuthzRequest, now: float) -> Identity | None:
         header = request.headers.get("authorization")
@@ -395,6 +398,27 @@ def _identity(claims: dict[str, Any], compiled: _IssuerKeys, now: float) -> tupl
     return Identity(subject, groups, JwtMethod.name, issuer.issuer, claims), exp
 
 
+class TokenCacheStats:
+    """Hits and misses of every token cache in a process (caches are rebuilt with each
+    policy; the counts live on, so they stay monotonic for Prometheus). A miss is a
+    lookup that needed a signature check: unknown, expired or from a replaced key set."""
+
+    __slots__ = ("_lock", "hits", "misses")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def hit(self) -> None:
+        with self._lock:
+            self.hits += 1
+
+    def miss(self) -> None:
+        with self._lock:
+            self.misses += 1
+
+
 class _TokenCache:
     """Verified tokens → identity, until their ``exp``; bounded, oldest evicted first.
 
@@ -403,18 +427,22 @@ class _TokenCache:
     writers serialize so eviction never iterates a dict another writer is changing.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, stats: TokenCacheStats | None = None) -> None:
         self._size = size
         self._entries: dict[str, tuple[Identity, float, _KeySource]] = {}
         self._lock = threading.Lock()
+        self._stats = stats if stats is not None else TokenCacheStats()
 
     def get(self, token: str, now: float) -> Identity | None:
         entry = self._entries.get(token)
         if entry is None:
+            self._stats.miss()
             return None
         source = entry[2]
         if now < entry[1] and (source is None or source[0].snapshot is source[1]):
+            self._stats.hit()
             return entry[0]
+        self._stats.miss()
         with self._lock:
             self._entries.pop(token, None)
         return None
