@@ -5,9 +5,10 @@ queues, a worker thread exports in batches) with the two things a Check path nee
 that the SDK's ``BatchSpanProcessor`` does not give without its self-metrics:
 
 * **never block, never grow**: ``on_end`` only appends to a queue of at most
-  ``max_queue_size`` spans; when it is full the span is dropped and counted
-  (``queue_full``) — no log line per span, which under an outage would itself be the
-  slowest part of a Check;
+  ``max_queue_size`` spans; when it is full the *oldest* queued span is dropped and
+  counted (``queue_full``), as the SDK's queue does, so after an outage the collector
+  gets the most recent spans — and no log line per span, which under an outage would
+  itself be the slowest part of a Check;
 * **every span accounted for**: :attr:`exported`, :attr:`dropped_queue_full` and
   :attr:`dropped_export_failed` (a batch the exporter did not accept, after its own
   retries). ``exported + dropped_* + queued`` is every sampled span handed in.
@@ -97,7 +98,7 @@ class CountingBatchSpanProcessor(SpanProcessor):
         self._delay = schedule_delay_millis / 1000
         self._batch = max_export_batch_size
         self._timeout = export_timeout_millis / 1000
-        self._queue: deque[ReadableSpan] = deque()
+        self._queue: deque[ReadableSpan] = deque(maxlen=max_queue_size)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._idle = threading.Condition(self._lock)
@@ -137,10 +138,9 @@ class CountingBatchSpanProcessor(SpanProcessor):
         if context is None or not context.trace_flags.sampled or self._shutdown:
             return
         queue = self._queue
-        if len(queue) >= self._max_queue:
+        if len(queue) >= self._max_queue:  # the append below evicts the oldest
             with self._lock:
                 self.dropped_queue_full += 1
-            return
         queue.append(span)
         if len(queue) >= self._batch and not self._wake.is_set():
             self._wake.set()

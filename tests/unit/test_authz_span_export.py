@@ -96,6 +96,8 @@ def test_full_queue_drops_and_counts_without_blocking() -> None:
     exporter.gate.set()
     assert processor.force_flush(5000)
     assert processor.exported == 25
+    # The newest spans were kept: the held batch, then the last 20 handed in.
+    assert [s.name for s in exporter.spans[5:]] == [f"s{i}" for i in range(80, 100)]
     assert processor.exported + processor.dropped_queue_full == 105
     processor.shutdown()
 
