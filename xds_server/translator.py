@@ -83,6 +83,26 @@ A group holds only the secrets its listeners and clusters reference.
   a client certificate of the trust domain (:mod:`authz.transport`).
 * Known gap (loopback only): the ADS connection that carries the secrets (private keys
   included) is still plaintext.
+
+**Tracing** (only with ``policy.tracing``; without it nothing about tracing is emitted).
+Every Envoy node group (gateways and sidecars, not :data:`AUTHZ_GROUP`) gets the cluster
+:data:`COLLECTOR_CLUSTER`: HTTP/2 (OTLP/gRPC), plaintext, ``STATIC`` for an IP collector
+and ``STRICT_DNS`` for a DNS name (inline endpoints either way: no EDS round trip).
+Every HTTP connection manager gets ``tracing`` with Envoy's OpenTelemetry tracer
+(:data:`OTEL_TRACER`) exporting to it, ``service_name`` = the node group (``edge``,
+``orders-sidecar``: the ``service.name`` of its spans), a parent-based sampler around a
+trace-id ratio sampler at the policy's ``sampling_percent`` (the connection manager's
+own ``random_sampling`` stays 100 %: see :func:`_hcm_tracing`) and
+``spawn_upstream_span``, so each proxy's trace is ``ingress`` (SERVER) → ``async
+envoy.service.auth.v3.Authorization.Check egress`` (CLIENT, whose ``traceparent`` Envoy
+sends in the Check's gRPC metadata: authz's decision span continues it) and ``router
+<cluster> egress`` (CLIENT, whose ``traceparent`` goes upstream: a sidecar's ``ingress``
+continues the gateway's trace). A request arriving with a ``traceparent`` keeps its
+sampled flag (sampled or not) whatever the percentage, so a sidecar traces exactly what
+its gateway traced; ``x-client-trace-id`` forces nothing. Envoy exports in batches: when
+5 spans are buffered or every 5 s (runtime keys
+``tracing.opentelemetry.min_flush_spans`` and
+``tracing.opentelemetry.flush_interval_ms``, set in the bootstrap, not over xDS).
 """
 
 from __future__ import annotations
@@ -96,31 +116,49 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    extension_pb2,
+    grpc_service_pb2,
+)
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.request_id.uuid.v3 import uuid_pb2
+from envoy.extensions.tracers.opentelemetry.samplers.v3 import (
+    parent_based_sampler_pb2,
+    trace_id_ratio_based_sampler_pb2,
+)
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
-from envoy.type.v3 import http_status_pb2
+from envoy.type.v3 import http_status_pb2, percent_pb2
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.wrappers_pb2 import BoolValue
 
 from meshward import route_context
 from meshward.policy import wire
-from meshward.policy.model import Gateway, Policy, Route, Service
+from meshward.policy.model import Gateway, Policy, Route, Service, Tracing
 from xds_server import resources as rs
 
 #: Name of the cluster that reaches the ext_authz gRPC service (every node group has it).
 AUTHZ_CLUSTER = "meshward_authz"
+#: Name of the cluster that reaches the OTLP/gRPC trace collector (every node group has it
+#: when the policy has ``tracing``).
+COLLECTOR_CLUSTER = "meshward-otlp-collector"
+#: Envoy's OpenTelemetry tracer extension (``OpenTelemetryConfig``) and its samplers.
+OTEL_TRACER = "envoy.tracers.opentelemetry"
+PARENT_BASED_SAMPLER = "envoy.tracers.opentelemetry.samplers.parent_based"
+RATIO_SAMPLER = "envoy.tracers.opentelemetry.samplers.trace_id_ratio_based"
 #: The HTTP filter names, as Envoy knows them (also the ``typed_per_filter_config`` keys).
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 ROUTER_FILTER = "envoy.filters.http.router"
@@ -255,8 +293,9 @@ def translate(
     ``credentials`` must hold every certificate of :func:`credential_needs` (``None``
     is fine for a policy without TLS gateways and sidecars). Raises ``ValueError`` if
     the policy references a service it does not define, names a service like the
-    authz cluster, a gateway like the authz group, a route like a sidecar's inbound
-    route, or needs a certificate ``credentials`` lacks.
+    authz cluster (or, with tracing, like the collector cluster), a gateway like the
+    authz group, a route like a sidecar's inbound route, or needs a certificate
+    ``credentials`` lacks.
     """
     if authz_failure_status not in AUTHZ_FAILURE_STATUSES:
         raise ValueError(
@@ -377,6 +416,11 @@ def _gateway_resources(
     for name in service_names:
         if name == AUTHZ_CLUSTER:
             raise ValueError(f"service name {name!r} is reserved for the authz cluster")
+        if name == COLLECTOR_CLUSTER and policy.tracing is not None:
+            raise ValueError(
+                f"service name {name!r} is reserved for the trace collector cluster; "
+                "rename the service"
+            )
         try:
             service = policy.service(name)
         except KeyError:
@@ -401,9 +445,11 @@ def _gateway_resources(
     if assignment is not None:
         assignments.append(assignment)
     mtls_upstream = mtls_upstream or cluster.HasField("transport_socket")
+    if policy.tracing is not None:
+        clusters.append(_collector_cluster(policy.tracing))
 
     manager = _http_connection_manager(
-        gateway.name, authz_failure_status, _HCM.SANITIZE, set_uri=False
+        gateway.name, authz_failure_status, _HCM.SANITIZE, set_uri=False, tracing=policy.tracing
     )
     tls = None
     if gateway.tls is not None:
@@ -456,8 +502,17 @@ def _sidecar_resources(
         clusters.append(cluster)
         if assignment is not None:
             assignments.append(assignment)
+    if policy.tracing is not None:
+        if service.name == COLLECTOR_CLUSTER:
+            raise ValueError(
+                f"service name {service.name!r} is reserved for the trace collector cluster; "
+                "rename the service"
+            )
+        clusters.append(_collector_cluster(policy.tracing))
 
-    manager = _http_connection_manager(group, authz_failure_status, _HCM.SANITIZE_SET, set_uri=True)
+    manager = _http_connection_manager(
+        group, authz_failure_status, _HCM.SANITIZE_SET, set_uri=True, tracing=policy.tracing
+    )
     tls = tls_pb2.DownstreamTlsContext(
         require_client_certificate=BoolValue(value=True),
         common_tls_context=_mesh_tls_context(
@@ -536,6 +591,57 @@ def _authz_cluster(
             _upstream_tls(policy.spiffe_id(AUTHZ_GROUP), alpn=("h2",))
         )
     return cluster, assignment
+
+
+def _collector_cluster(tracing: Tracing) -> cluster_pb2.Cluster:
+    """The HTTP/2 plaintext cluster of the OTLP/gRPC collector, endpoints inline: ``STATIC``
+    for an IP, ``STRICT_DNS`` (re-resolved) for a DNS name."""
+    address = tracing.collector_address
+    cluster, assignment = _cluster(
+        COLLECTOR_CLUSTER, [(address, tracing.collector_port)], http2=True
+    )
+    if assignment is not None:  # an IP: _cluster made it EDS; a fixed address needs no EDS
+        cluster.ClearField("eds_cluster_config")
+        cluster.type = cluster_pb2.Cluster.STATIC
+        cluster.load_assignment.CopyFrom(assignment)
+    return cluster
+
+
+def _hcm_tracing(tracing: Tracing, group: str) -> hcm_pb2.HttpConnectionManager.Tracing:
+    """Envoy's OpenTelemetry tracer for one HTTP connection manager (see module doc).
+
+    The sampling decision is the tracer's sampler, parent-based: a ``traceparent``'s
+    sampled flag is kept, and a request without one is sampled at ``sampling_percent`` by
+    its trace id. The connection manager's own ``random_sampling`` stays at 100 %: when
+    it says "no", Envoy 1.40 does not consult the sampler and drops even a sampled
+    parent, so a gateway at 10 % would break the traces of already-sampled requests
+    (verified in ``tests/integration/test_xds_tracing_envoy.py``).
+    """
+    ratio = trace_id_ratio_based_sampler_pb2.TraceIdRatioBasedSamplerConfig(
+        sampling_percentage=percent_pb2.FractionalPercent(
+            numerator=round(tracing.sampling_percent * 10_000),
+            denominator=percent_pb2.FractionalPercent.MILLION,
+        )
+    )
+    sampler = parent_based_sampler_pb2.ParentBasedSamplerConfig(
+        wrapped_sampler=extension_pb2.TypedExtensionConfig(
+            name=RATIO_SAMPLER, typed_config=rs.pack(ratio)
+        )
+    )
+    otel = opentelemetry_pb2.OpenTelemetryConfig(
+        grpc_service=grpc_service_pb2.GrpcService(
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=COLLECTOR_CLUSTER)
+        ),
+        service_name=group,
+        sampler=extension_pb2.TypedExtensionConfig(
+            name=PARENT_BASED_SAMPLER, typed_config=rs.pack(sampler)
+        ),
+    )
+    return hcm_pb2.HttpConnectionManager.Tracing(
+        random_sampling=percent_pb2.Percent(value=100.0),
+        provider=http_tracer_pb2.Tracing.Http(name=OTEL_TRACER, typed_config=rs.pack(otel)),
+        spawn_upstream_span=BoolValue(value=True),
+    )
 
 
 def _load_assignment(
@@ -621,6 +727,7 @@ def _http_connection_manager(
     forward_client_cert: hcm_pb2.HttpConnectionManager.ForwardClientCertDetails.ValueType,
     *,
     set_uri: bool,
+    tracing: Tracing | None = None,
 ) -> hcm_pb2.HttpConnectionManager:
     ext_authz = ext_authz_pb2.ExtAuthz(
         grpc_service=grpc_service_pb2.GrpcService(
@@ -656,6 +763,8 @@ def _http_connection_manager(
     )
     if set_uri:
         manager.set_current_client_cert_details.uri = True
+    if tracing is not None:
+        manager.tracing.CopyFrom(_hcm_tracing(tracing, name))
     return manager
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import math
 import re
 import urllib.parse
 from collections.abc import Callable
@@ -62,6 +63,7 @@ from meshward.policy.model import (
     Service,
     Sidecar,
     Source,
+    Tracing,
 )
 from meshward.policy.yaml_source import YamlSyntaxError, compose
 
@@ -85,6 +87,7 @@ _TOP_LEVEL = (
     "api_keys",
     "api_keys_file",
     "responses",
+    "tracing",
     "default",
 )
 _SHA256_HEX_RE = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -93,6 +96,7 @@ _SPIFFE_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
 _BOOL = "tag:yaml.org,2002:bool"
 _NULL = "tag:yaml.org,2002:null"
 #: Headers ``responses.headers`` may not name: Envoy's, the credential's, meshward's own.
@@ -163,6 +167,7 @@ class _Reader:
     default: tuple[str, Source] | None = None
     mesh: tuple[Mesh, Source] | None = None
     responses: tuple[Responses, Source] | None = None
+    tracing: tuple[Tracing, Source] | None = None
     # min_acr values routes demand: checked against the issuers' acr_levels at the end.
     acr_refs: list[tuple[str, Source, str]] = field(default_factory=list)
     # References to check once every file is read: (kind, name, source, what).
@@ -214,6 +219,7 @@ class _Reader:
             "default": self.read_default,
             "mesh": self.read_mesh,
             "responses": self.read_responses,
+            "tracing": self.read_tracing,
         }
         for key, (_, value) in top.items():
             section_readers[key](value)
@@ -1168,6 +1174,71 @@ class _Reader:
                 self.src(node),
             )
 
+    def read_tracing(self, node: Node) -> None:
+        """``tracing: {collector: {address, port}, sampling_percent}``: where every proxy
+        exports its spans (OTLP/gRPC, plaintext) and the percent of requests it traces."""
+        fields = self.mapping(
+            node, "tracing", allowed=("collector", "sampling_percent"), required=("collector",)
+        )
+        if fields is None:
+            return
+        if self.tracing is not None:
+            self.error(node, f"tracing: set again (first at {self.tracing[1]}); keep one")
+            return
+        collector = None
+        if "collector" in fields:
+            collector = self.read_collector(fields["collector"][1], "tracing.collector")
+        percent: float | None = 100.0
+        if "sampling_percent" in fields:
+            percent = self.percent(fields["sampling_percent"][1], "tracing.sampling_percent")
+        if collector is None or percent is None:
+            return
+        address, port = collector
+        self.tracing = (Tracing(address, port, percent, source=self.src(node)), self.src(node))
+
+    def read_collector(self, node: Node, what: str) -> tuple[str, int] | None:
+        """The OTLP/gRPC collector: an IP or DNS name to connect to, and a port."""
+        fields = self.mapping(node, what, allowed=("address", "port"), required=("address", "port"))
+        if fields is None or len(fields) < 2:
+            return None
+        address = self.string(fields["address"][1], f"{what}.address")
+        port = self.integer(fields["port"][1], f"{what}.port", 1, 65535)
+        if address is not None:
+            if not _is_ip(address) and not _HOSTNAME_RE.match(address):
+                self.error(
+                    fields["address"][1],
+                    f"{what}.address: '{address}' is neither an IP address nor a DNS name; "
+                    "give the collector's address, like 127.0.0.1 or otel-collector",
+                )
+                return None
+            if _is_ip(address) and ipaddress.ip_address(address).is_unspecified:
+                self.error(
+                    fields["address"][1],
+                    f"{what}.address: '{address}' is a listen-anywhere address, not one to "
+                    "connect to; give the collector's address, like 127.0.0.1",
+                )
+                return None
+        if address is None or port is None:
+            return None
+        return address, port
+
+    def percent(self, node: Node, what: str) -> float | None:
+        """A number from 0 to 100 (an integer or a decimal), as a float."""
+        if not isinstance(node, ScalarNode) or node.tag not in (_INT, _FLOAT):
+            self.error(
+                node, f"{what}: expected a number from 0 to 100 (a percent), got {_kind(node)}"
+            )
+            return None
+        text = str(node.value).replace("_", "")
+        try:
+            value = float(int(text, 0)) if node.tag == _INT else float(text)
+        except ValueError:  # YAML's .inf / .nan spellings
+            value = math.nan
+        if not math.isfinite(value) or not 0.0 <= value <= 100.0:
+            self.error(node, f"{what}: {node.value} is out of range; use 0..100")
+            return None
+        return value
+
     def read_mesh(self, node: Node) -> None:
         fields = self.mapping(node, "mesh", allowed=("trust_domain", "namespace"))
         if fields is None:
@@ -1324,6 +1395,7 @@ class _Reader:
             default_action="deny",
             mesh=self.mesh[0] if self.mesh else Mesh(),
             responses=self.responses[0] if self.responses else Responses(),
+            tracing=self.tracing[0] if self.tracing else None,
             files=files,
         )
 

@@ -331,6 +331,24 @@ class Responses:
 
 
 @dataclass(frozen=True)
+class Tracing:
+    """Where every proxy sends its OpenTelemetry spans, and how many requests it traces.
+
+    ``collector_address``/``collector_port`` is an OTLP/gRPC endpoint (plaintext); the
+    translator gives every HTTP connection manager Envoy's OpenTelemetry tracer exporting
+    to it through the cluster :data:`xds_server.translator.COLLECTOR_CLUSTER`, sampling
+    ``sampling_percent`` of the requests that arrive without a sampling decision (a
+    request whose ``traceparent`` is already sampled stays sampled). authz's decision
+    span continues the trace Envoy sends in the Check's gRPC metadata.
+    """
+
+    collector_address: str
+    collector_port: int
+    sampling_percent: float = 100.0
+    source: Source = field(default=_NO_SOURCE, compare=False)
+
+
+@dataclass(frozen=True)
 class Policy:
     """A whole, validated policy. Build with :meth:`Policy.build` to get a version."""
 
@@ -345,6 +363,8 @@ class Policy:
     default_action: str = "deny"
     mesh: Mesh = Mesh()
     responses: Responses = Responses()
+    #: ``None``: proxies do not trace (authz still makes decision spans).
+    tracing: Tracing | None = None
     version: str = ""
     #: The files the policy was read from, for status pages and logs.
     files: tuple[str, ...] = field(default=(), compare=False)
@@ -362,6 +382,7 @@ class Policy:
         default_action: str = "deny",
         mesh: Mesh = Mesh(),
         responses: Responses = Responses(),
+        tracing: Tracing | None = None,
         files: tuple[str, ...] = (),
     ) -> Policy:
         """Create a policy and stamp it with its content-hash version."""
@@ -375,6 +396,7 @@ class Policy:
             default_action=default_action,
             mesh=mesh,
             responses=responses,
+            tracing=tracing,
             files=files,
         )
         digest = hashlib.sha256(unversioned.canonical_json().encode()).hexdigest()
@@ -388,6 +410,7 @@ class Policy:
             default_action=default_action,
             mesh=mesh,
             responses=responses,
+            tracing=tracing,
             version=digest[:12],
             files=files,
         )

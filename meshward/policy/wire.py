@@ -50,6 +50,7 @@ from meshward.policy.model import (
     Service,
     Sidecar,
     Source,
+    Tracing,
 )
 
 PROTO_FILE = "meshward/v1/policy.proto"
@@ -184,12 +185,13 @@ _HINTS: dict[type[Any], dict[str, Any]] = {
         HeaderMatch,
         ClaimCondition,
         Responses,
+        Tracing,
     )
 }
 
 
 def _decode_policy(data: Any) -> Policy:
-    expected = {*_POLICY_PARTS, "default_action", "mesh", "responses"}
+    expected = {*_POLICY_PARTS, "default_action", "mesh", "responses", "tracing"}
     if not isinstance(data, dict):
         raise _ShapeError("", f"expected an object, got {type(data).__name__}")
     _check_keys(data, expected, "")
@@ -204,7 +206,10 @@ def _decode_policy(data: Any) -> Policy:
         raise _ShapeError("default_action", "expected a string")
     mesh = _decode(Mesh, data["mesh"], "mesh")
     responses = _decode(Responses, data["responses"], "responses")
-    return Policy.build(default_action=default_action, mesh=mesh, responses=responses, **parts)
+    tracing = _value(Tracing | None, data["tracing"], "tracing")
+    return Policy.build(
+        default_action=default_action, mesh=mesh, responses=responses, tracing=tracing, **parts
+    )
 
 
 def _decode(cls: type[T], data: Any, path: str) -> T:
@@ -233,6 +238,12 @@ def _value(hint: Any, data: Any, path: str) -> Any:
     if hint is int:
         if not isinstance(data, int) or isinstance(data, bool):
             raise _ShapeError(path, f"expected an integer, got {type(data).__name__}")
+        return data
+    if hint is float:
+        # Kept as decoded (an int stays an int), so the canonical JSON, hence the
+        # version, is the sender's: the loader always gives floats; Python code may not.
+        if not isinstance(data, int | float) or isinstance(data, bool):
+            raise _ShapeError(path, f"expected a number, got {type(data).__name__}")
         return data
     if origin is tuple:
         (item, _) = typing.get_args(hint)

@@ -11,7 +11,7 @@ import pytest
 
 from meshward.policy.errors import PolicyError
 from meshward.policy.loader import load_policy
-from meshward.policy.model import Policy
+from meshward.policy.model import Policy, Tracing
 from tests.policy_files import VALID_POLICY, new_keys, write_jwks, write_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,6 +84,7 @@ def test_demo_policy_is_valid(tmp_path: Path) -> None:
     write_jwks(target / "keys" / "demo-jwks.json", *new_keys())
     policy = load_policy(target)
     assert {r.name for r in policy.routes()} == {"orders-admin", "orders-api", "catalog-api"}
+    assert policy.tracing == Tracing("127.0.0.1", 4317, 100.0)  # `meshward up`'s receiver
 
 
 def test_files_in_a_directory_merge_and_names_stay_unique(tmp_path: Path) -> None:

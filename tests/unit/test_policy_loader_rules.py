@@ -23,6 +23,7 @@ from meshward.policy.model import (
     Permission,
     Policy,
     Responses,
+    Tracing,
 )
 from tests.policy_files import new_keys, write_jwks
 
@@ -100,6 +101,9 @@ FULL_POLICY = textwrap.dedent(
         groups: null
         workload: x-via
       remove_authorization: true
+    tracing:
+      collector: {address: otel.internal, port: 4317}
+      sampling_percent: 12.5
     default: deny
     """
 )
@@ -201,6 +205,10 @@ def test_routes_load_mfa_and_issuers_load_acr_levels_and_remote_keys(
     assert remote.acr_levels == ("silver", "platinum")
 
 
+def test_tracing_loads(full: Policy) -> None:
+    assert full.tracing == Tracing("otel.internal", 4317, 12.5)
+
+
 def test_responses_load(full: Policy) -> None:
     assert full.responses == Responses(
         subject_header="x-user",
@@ -232,6 +240,7 @@ def test_defaults_without_the_new_keys(tmp_path: Path, ca_pem: str) -> None:
         (),
     )
     assert policy.responses == Responses()
+    assert policy.tracing is None
 
 
 # ---- one clear file:line error per bad input ------------------------------------------------
@@ -558,6 +567,7 @@ def test_every_new_field_round_trips_through_the_wire(full: Policy, ca_pem: str)
     assert decoded.issuers[1].jwks_ca_pem == ca_pem
     assert decoded.issuers[0].acr_levels == ("bronze", "silver", "gold")
     assert decoded.responses == full.responses
+    assert decoded.tracing == full.tracing
     assert isinstance(decoded.roles[0].permissions[0].headers[0], HeaderMatch)
     assert isinstance(decoded.bindings[0].claims[0], ClaimCondition)
 
@@ -572,6 +582,7 @@ def rebuilt(policy: Policy, **changes: Any) -> Policy:
         "api_keys": policy.api_keys,
         "mesh": policy.mesh,
         "responses": policy.responses,
+        "tracing": policy.tracing,
     }
     parts.update(changes)
     return Policy.build(**parts)
@@ -597,6 +608,11 @@ def with_issuer(p: Policy, index: int, **changes: Any) -> Policy:
     issuers = list(p.issuers)
     issuers[index] = replace(issuers[index], **changes)
     return rebuilt(p, issuers=tuple(issuers))
+
+
+def with_tracing(p: Policy, **changes: Any) -> Tracing:
+    assert p.tracing is not None
+    return replace(p.tracing, **changes)
 
 
 def mfa_of(p: Policy) -> MfaRequirement:
@@ -654,6 +670,10 @@ CHANGES: list[tuple[str, Callable[[Policy], Policy]]] = [
         "responses.remove_authorization",
         lambda p: rebuilt(p, responses=replace(p.responses, remove_authorization=False)),
     ),
+    ("tracing removed", lambda p: rebuilt(p, tracing=None)),
+    ("tracing.address", lambda p: rebuilt(p, tracing=with_tracing(p, collector_address="::1"))),
+    ("tracing.port", lambda p: rebuilt(p, tracing=with_tracing(p, collector_port=4318))),
+    ("tracing.sampling", lambda p: rebuilt(p, tracing=with_tracing(p, sampling_percent=100.0))),
 ]
 
 
