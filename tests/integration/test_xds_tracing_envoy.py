@@ -3,9 +3,9 @@
 Every test runs a real XdsService serving a policy with ``tracing`` (the collector is a
 :class:`~meshward.otlp_receiver.OtlpReceiver` on a free loopback port), a real Envoy, a
 recording HTTP upstream and a stand-in ext_authz gRPC server that allows everything and
-records the gRPC metadata of each Check. The Envoy bootstrap adds one runtime layer
-(``tracing.opentelemetry.min_flush_spans: 1``, ``flush_interval_ms: 100``) so every span
-is exported at once instead of in batches of 5 or every 5 s; the receiver is still polled
+records the gRPC metadata of each Check. The Envoy bootstrap's tracing runtime layer
+is set to ``tracing.opentelemetry.min_flush_spans: 1``, ``flush_interval_ms: 100``, so every
+span is exported at once instead of in batches of 5 or every 5 s; the receiver is still polled
 with a timeout.
 
 The end-to-end test (real ``meshward xds`` + ``meshward authz`` + a gateway Envoy and a
@@ -54,20 +54,19 @@ INGRESS = "ingress"
 AUTHZ_EGRESS = "async envoy.service.auth.v3.Authorization.Check egress"
 SPAN_KIND_SERVER, SPAN_KIND_CLIENT = 2, 3
 #: Export every finished span at once (Envoy's defaults: 5 spans or every 5 s).
-FAST_FLUSH_RUNTIME = """
-layered_runtime:
-  layers:
-    - name: fast-trace-flush
-      static_layer:
-        tracing.opentelemetry.min_flush_spans: 1
-        tracing.opentelemetry.flush_interval_ms: 100
-"""
+DEFAULT_FLUSH = "        tracing.opentelemetry.flush_interval_ms: 1000\n"
+FAST_FLUSH = (
+    "        tracing.opentelemetry.min_flush_spans: 1\n"
+    "        tracing.opentelemetry.flush_interval_ms: 100\n"
+)
 
 
 def fast_flush_template(directory: Path) -> Path:
-    """``envoy/bootstrap.yaml`` plus a static runtime layer that flushes spans at once."""
+    """``envoy/bootstrap.yaml`` with its tracing runtime layer set to flush spans at once."""
     path = directory / "bootstrap-fast-flush.yaml"
-    path.write_text(DEFAULT_TEMPLATE.read_text(encoding="utf-8") + FAST_FLUSH_RUNTIME)
+    template = DEFAULT_TEMPLATE.read_text(encoding="utf-8")
+    assert DEFAULT_FLUSH in template, "envoy/bootstrap.yaml lost its tracing runtime layer"
+    path.write_text(template.replace(DEFAULT_FLUSH, FAST_FLUSH))
     return path
 
 
