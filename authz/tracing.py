@@ -482,16 +482,17 @@ _FLAG_IS_REMOTE = 0x200  # SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
 class SpanEncoder:
     """Spans → OTLP ``ExportTraceServiceRequest``, the message the stock
     ``encode_spans`` makes, built as protobuf wire bytes and parsed once by protobuf's C
-    code. Serialized attribute entries are cached by (key, value): most values repeat
-    (route, service, reason, policy version, ...). Used by one export thread at a time
-    (the batch processor exports under a lock).
+    code. Serialized attribute entries are cached by key and value: most values repeat
+    (route, service, reason, policy version, ...); ids are encoded each time. Used by
+    one export thread at a time (the batch processor exports under a lock).
     """
 
-    #: Cached attribute entries; the cache is emptied when it reaches this size.
-    CACHE_SIZE = 8192
+    #: Attribute keys whose entries are cached, and entries cached per key.
+    MAX_KEYS = 64
+    VALUES_PER_KEY = 256
 
     def __init__(self) -> None:
-        self._attributes: dict[tuple[str, Any], tuple[type, bytes]] = {}
+        self._attributes: dict[str, dict[Any, tuple[type, bytes]]] = {}
         #: (resource, scope) by identity → (them, serialized resource field, scope field)
         self._headers: dict[tuple[int, int], tuple[Any, Any, bytes, bytes]] = {}
 
@@ -642,20 +643,25 @@ class SpanEncoder:
             parts += (b"\x39", _FIXED64(span.start_time))
         if span.end_time:
             parts += (b"\x41", _FIXED64(span.end_time))
-        cache = self._attributes
-        for item in (span.attributes or {}).items():
-            # Keyed by the (key, value) pair; the type check keeps True, 1 and 1.0 apart.
-            hit = cache.get(item)
-            if hit is not None and hit[0] is type(item[1]):
+        by_key = self._attributes
+        for key, value in (span.attributes or {}).items():
+            # Cached per key, then per value; the type check keeps True, 1 and 1.0 apart.
+            values = by_key.get(key)
+            if values is None:
+                values = {} if len(by_key) < self.MAX_KEYS else None
+                if values is not None:
+                    by_key[key] = values
+            hit = values.get(value) if values is not None else None
+            if hit is not None and hit[0] is type(value):
                 parts.append(hit[1])
                 continue
-            key, value = item
             entry = self._attribute(b"\x4a", key, value)
             if entry is None:
                 return None
-            if len(cache) >= self.CACHE_SIZE:
-                cache.clear()
-            cache[(key, value)] = (type(value), entry)
+            if values is not None and len(values) < self.VALUES_PER_KEY:
+                # A key with many values (ids, paths) fills its share once and then
+                # is encoded each time: bounded memory, no churn.
+                values[value] = (type(value), entry)
             parts.append(entry)
         status = span.status  # Status: message = 2, code = 3
         status_body = _field(b"\x12", status.description.encode()) if status.description else b""
