@@ -1,9 +1,9 @@
 """The ``meshward`` command: one entry point for every meshward process and tool.
 
 Subcommands own their flags: ``xds`` lives in :mod:`xds_server.cli`, ``authz`` in
-:mod:`authz.cli`; the shared tools (``check``, ``token``, ``up``, ``demo-upstream``)
-are here. Errors a user can cause print one clear message and exit non-zero, never a
-traceback.
+:mod:`authz.cli`; the shared tools (``check``, ``token``, ``up``, ``demo-upstream``,
+``otlp-receiver``, ``traces``) are here. Errors a user can cause print one clear
+message and exit non-zero, never a traceback.
 """
 
 from __future__ import annotations
@@ -74,10 +74,45 @@ def build_parser() -> argparse.ArgumentParser:
     upstream.add_argument("--listen", required=True, metavar="HOST:PORT")
     upstream.set_defaults(func=_cmd_demo_upstream)
 
-    from meshward import status_cmd, up
+    receiver = sub.add_parser(
+        "otlp-receiver",
+        help="run the built-in OTLP/gRPC trace receiver, appending spans to a file",
+        description=(
+            "Receive OpenTelemetry traces over OTLP/gRPC (TraceService, plaintext) and append "
+            "each span as one JSON line to --spans-file (created 0600, rotated by size). "
+            "Serves grpc.health.v1 too; stops on SIGTERM/SIGINT. View with `meshward traces`."
+        ),
+    )
+    receiver.add_argument(
+        "--listen",
+        default="127.0.0.1:4317",
+        metavar="HOST:PORT",
+        help="OTLP/gRPC address (default: 127.0.0.1:4317)",
+    )
+    receiver.add_argument(
+        "--spans-file", required=True, metavar="PATH", help="where to append spans"
+    )
+    receiver.add_argument(
+        "--max-bytes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="rotate the spans file before it would pass N bytes (default: 100 MiB)",
+    )
+    receiver.add_argument(
+        "--backups",
+        type=int,
+        default=None,
+        metavar="K",
+        help="rotated files kept: PATH.1 ... PATH.K (default: 3)",
+    )
+    receiver.set_defaults(func=_cmd_otlp_receiver)
+
+    from meshward import status_cmd, traces_cmd, up
 
     up.register(sub)
     status_cmd.register(sub)
+    traces_cmd.register(sub)
 
     from meshward import explain, policy_tests
 
@@ -160,3 +195,15 @@ def _cmd_demo_upstream(args: argparse.Namespace) -> int:
     from meshward.demo_upstream import serve
 
     return serve(args.name, args.listen)
+
+
+def _cmd_otlp_receiver(args: argparse.Namespace) -> int:
+    from meshward.otlp_receiver import serve
+    from meshward.spans_file import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
+
+    return serve(
+        args.listen,
+        args.spans_file,
+        DEFAULT_MAX_BYTES if args.max_bytes is None else args.max_bytes,
+        DEFAULT_BACKUPS if args.backups is None else args.backups,
+    )

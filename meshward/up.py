@@ -6,8 +6,16 @@ xDS) and a demo upstream for each service whose endpoints are on loopback. Infra
 (xDS, authz, status, Envoy admin) are picked free on 127.0.0.1; gateway and service
 ports come from the policy. Once every part reports ready it prints the gateway URLs
 and ready-to-paste ``curl`` commands with demo tokens, then one line per authz
-decision (read back from authz's decision log, ``<state-dir>/logs/decisions.jsonl``).
+decision (read back from authz's decision log, ``<state-dir>/logs/decisions.jsonl``),
+or with ``--traces`` one span tree per request instead.
 Ctrl-C (or SIGTERM) stops every process it started.
+
+Tracing (:class:`TracePlan`): when the policy has ``tracing:``, authz exports its
+decision spans to the same collector as Envoy (the standard ``OTEL_EXPORTER_OTLP_*``
+variables in its environment). When that collector's address is on loopback (as demo
+upstreams are started only for loopback endpoints), ``meshward up`` runs it too: the
+built-in ``meshward otlp-receiver``, writing ``<state-dir>/logs/spans.jsonl`` for
+``meshward traces``, so a trace view needs no external system.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from meshward.envoy_binary import EnvoyNotFoundError, find_envoy
 from meshward.policy.errors import PolicyError
 from meshward.policy.loader import load_policy
 from meshward.policy.model import Gateway, Policy
+from meshward.spans_file import spans_file_path
 from meshward.supervisor import Child, Supervisor
 
 
@@ -66,6 +75,22 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--quiet-decisions", action="store_true", help="do not print a line per authz decision"
     )
+    p.add_argument(
+        "--traces",
+        action="store_true",
+        help=(
+            "print one span tree per request (as `meshward traces -f` does) instead of a "
+            "line per decision; needs `tracing:` in the policy with a loopback collector"
+        ),
+    )
+    p.add_argument(
+        "--no-trace-receiver",
+        action="store_true",
+        help=(
+            "do not start the built-in OTLP receiver on the policy's loopback tracing "
+            "collector address (you run a collector there yourself)"
+        ),
+    )
     p.set_defaults(func=run)
 
 
@@ -76,6 +101,67 @@ class Ports:
     authz: int
     authz_status: int
     admin: dict[str, int]
+
+
+@dataclass(frozen=True)
+class TracePlan:
+    """Where spans go for this run of ``meshward up`` (see the module doc)."""
+
+    #: ``HOST:PORT`` of the OTLP/gRPC collector (policy ``tracing``), or ``None``.
+    collector: str | None = None
+    #: The built-in receiver's spans file when ``meshward up`` runs it, else ``None``.
+    spans_file: Path | None = None
+
+    @property
+    def receiver(self) -> bool:
+        return self.spans_file is not None
+
+    def authz_env(self) -> dict[str, str]:
+        """authz's OpenTelemetry export settings (none when the policy does not trace)."""
+        if self.collector is None:
+            return {}
+        return {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{self.collector}",
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        }
+
+
+def trace_plan(policy: Policy, state_dir: Path, start_receiver: bool = True) -> TracePlan:
+    """The tracing set-up for ``policy``: the built-in receiver runs for a loopback
+    collector unless ``start_receiver`` is false (``--no-trace-receiver``)."""
+    tracing = policy.tracing
+    if tracing is None:
+        return TracePlan()
+    collector = host_port(tracing.collector_address, tracing.collector_port)
+    if start_receiver and _is_loopback(tracing.collector_address):
+        return TracePlan(collector, spans_file_path(state_dir))
+    return TracePlan(collector)
+
+
+def host_port(address: str, port: int) -> str:
+    """``HOST:PORT``, with an IPv6 address in brackets."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def _traces_unavailable(policy: Policy, plan: TracePlan, args: argparse.Namespace) -> str | None:
+    """Why ``--traces`` cannot show anything with this policy and these flags, if so."""
+    if plan.receiver:
+        return None
+    if policy.tracing is None:
+        return (
+            f"--traces: the policy in {args.policy} has no `tracing:` section; add "
+            "`tracing: {collector: {address: 127.0.0.1, port: 4317}}` to a policy file"
+        )
+    if args.no_trace_receiver:
+        return (
+            "--traces shows what the built-in trace receiver gets: drop --no-trace-receiver "
+            "(or view traces in the collector you run)"
+        )
+    return (
+        f"{policy.tracing.source}: --traces needs the tracing collector on loopback to run "
+        f"the built-in receiver there, not {plan.collector}; use 127.0.0.1, or view traces "
+        "in that collector"
+    )
 
 
 def free_port() -> int:
@@ -99,7 +185,11 @@ def run(args: argparse.Namespace) -> int:
             say.error(str(issue))
         say.error(f"{args.policy}: the policy was not accepted; fix it and run `meshward up` again")
         return 2
-    busy = _busy_policy_ports(policy, not args.no_upstreams)
+    traces = trace_plan(policy, args.state_dir, not args.no_trace_receiver)
+    if args.traces and (why := _traces_unavailable(policy, traces, args)):
+        say.error(why)
+        return 2
+    busy = _busy_policy_ports(policy, not args.no_upstreams, traces)
     if busy:
         for msg in busy:
             say.error(msg)
@@ -111,11 +201,20 @@ def run(args: argparse.Namespace) -> int:
         authz_status=free_port(),
         admin={group: free_port() for group in policy.node_groups()},
     )
-    sup = Supervisor(on_line=_LineRouter(say, args.quiet_decisions), on_event=say.event)
+    quiet = args.quiet_decisions or args.traces
+    sup = Supervisor(on_line=_LineRouter(say, quiet), on_event=say.event)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    follower = None
-    if not args.quiet_decisions:
+    follower: Any = None
+    if args.traces:
+        from meshward.traces_cmd import TraceTail
+
+        assert traces.spans_file is not None
+        traces.spans_file.parent.mkdir(parents=True, exist_ok=True)
+        # Started before the receiver: spans an earlier run left in the file are not shown.
+        follower = TraceTail(traces.spans_file, say.decision)
+        follower.start()
+    elif not quiet:
         from authz.decision_log import DecisionLogFollower
 
         # Started before authz: what an earlier run left in the file is not shown.
@@ -124,15 +223,15 @@ def run(args: argparse.Namespace) -> int:
         )
         follower.start()
     try:
-        _start_all(sup, args, policy, ports, envoy)
-        if not _wait_ready(sup, policy, ports, args.ready_timeout, say):
+        _start_all(sup, args, policy, ports, envoy, traces=traces)
+        if not _wait_ready(sup, policy, ports, args.ready_timeout, say, traces=traces):
             say.error(
                 f"the mesh did not become ready in {args.ready_timeout:.0f}s; "
                 f"see the logs in {args.state_dir / 'logs'}"
             )
             return 1
-        _write_state(args.state_dir, ports)
-        say.banner(_banner(policy, ports, demo_key, args))
+        _write_state(args.state_dir, ports, traces)
+        say.banner(_banner(policy, ports, demo_key, args, traces))
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:
@@ -166,9 +265,22 @@ def _demo_key(args: argparse.Namespace) -> DemoKey:
     return ensure_demo_key(args.state_dir, args.policy / "keys" / "demo-jwks.json")
 
 
-def _busy_policy_ports(policy: Policy, upstreams: bool) -> list[str]:
+def _busy_policy_ports(
+    policy: Policy, upstreams: bool, traces: TracePlan | None = None
+) -> list[str]:
     """Policy-owned ports that something else already listens on."""
     wanted = [(g.address, g.port, f"gateway '{g.name}'", g.source) for g in policy.gateways]
+    if traces is not None and traces.receiver and policy.tracing is not None:
+        t = policy.tracing
+        wanted.append(
+            (
+                t.collector_address,
+                t.collector_port,
+                "the built-in trace receiver (tracing collector; if you run a collector "
+                "there, pass --no-trace-receiver)",
+                t.source,
+            )
+        )
     wanted += [
         (s.sidecar.address, s.sidecar.port, f"the sidecar of service '{s.name}'", s.source)
         for s in policy.services
@@ -203,13 +315,30 @@ def _is_loopback(address: str) -> bool:
 
 
 def _start_all(
-    sup: Supervisor, args: argparse.Namespace, policy: Policy, ports: Ports, envoy: str
+    sup: Supervisor,
+    args: argparse.Namespace,
+    policy: Policy,
+    ports: Ports,
+    envoy: str,
+    *,
+    traces: TracePlan,
 ) -> None:
     from xds_server.bootstrap import render_bootstrap
 
     py = [sys.executable, "-m", "meshward"]
     logs = args.state_dir / "logs"
     policy_dir = str(args.policy)
+    if traces.receiver:
+        # First up, last down: it takes the spans authz and Envoy flush as they stop.
+        assert traces.collector is not None and traces.spans_file is not None
+        sup.start(
+            Child(
+                "otlp-receiver",
+                [*py, "otlp-receiver", "--listen", traces.collector,
+                 "--spans-file", str(traces.spans_file)],
+                log_path=logs / "otlp-receiver.log",
+            )
+        )  # fmt: skip
     if not args.no_upstreams:
         for service in policy.services:
             for i, ep in enumerate(e for e in service.endpoints if _is_loopback(e.address)):
@@ -248,7 +377,7 @@ def _start_all(
              "--status-listen", f"127.0.0.1:{ports.authz_status}",
              "--workers", str(args.authz_workers),
              "--decision-log", str(decision_log_path(args.state_dir))],
-            env={"OTEL_SERVICE_NAME": "meshward-authz"},
+            env={"OTEL_SERVICE_NAME": "meshward-authz", **traces.authz_env()},
             log_path=logs / "authz.log",
         )
     )  # fmt: skip
@@ -285,15 +414,17 @@ def _start_all(
         )
 
 
-def _write_state(state_dir: Path, ports: Ports) -> None:
-    """Where this mesh's parts listen, for `meshward status` and other tools."""
-    info = {
+def _write_state(state_dir: Path, ports: Ports, traces: TracePlan = TracePlan()) -> None:
+    """Where this mesh's parts listen, for `meshward status`, `meshward traces` and others."""
+    info: dict[str, Any] = {
         "xds": f"127.0.0.1:{ports.xds}",
         "xds_status_url": f"http://127.0.0.1:{ports.xds_status}/status",
         "authz": f"127.0.0.1:{ports.authz}",
         "authz_status_url": f"http://127.0.0.1:{ports.authz_status}/status",
         "decision_log": str(decision_log_path(state_dir)),
         "envoy_admin": {name: f"http://127.0.0.1:{port}" for name, port in ports.admin.items()},
+        "trace_collector": traces.collector,
+        "spans_file": str(traces.spans_file) if traces.spans_file is not None else None,
     }
     (state_dir / "up.json").write_text(json.dumps(info, indent=2) + "\n")
 
@@ -307,8 +438,22 @@ def _http_ok(url: str, want: str | None = None) -> bool:
         return False
 
 
+def _tcp_open(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def _wait_ready(
-    sup: Supervisor, policy: Policy, ports: Ports, timeout: float, say: _Printer
+    sup: Supervisor,
+    policy: Policy,
+    ports: Ports,
+    timeout: float,
+    say: _Printer,
+    *,
+    traces: TracePlan,
 ) -> bool:
     # authz's /healthz is 200 only once it holds both the policy and its SVID (both
     # come from the xDS server over ADS; it serves Envoy over mTLS only).
@@ -319,10 +464,17 @@ def _wait_ready(
     for group in policy.node_groups():
         checks[f"envoy-{group}"] = f"http://127.0.0.1:{ports.admin[group]}/ready"
     pending = dict(checks)
+    if traces.receiver and policy.tracing is not None:
+        pending["otlp-receiver"] = ""  # ready once it accepts connections
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         for name, url in list(pending.items()):
-            if _http_ok(url, "LIVE" if name.startswith("envoy-") else None):
+            if name == "otlp-receiver":
+                assert policy.tracing is not None
+                ready = _tcp_open(policy.tracing.collector_address, policy.tracing.collector_port)
+            else:
+                ready = _http_ok(url, "LIVE" if name.startswith("envoy-") else None)
+            if ready:
                 say.event(f"{name} is ready")
                 del pending[name]
         if pending:
@@ -353,7 +505,13 @@ def gateway_url(gw: Gateway) -> str:
     return f"http://{host}:{gw.port}"
 
 
-def _banner(policy: Policy, ports: Ports, key: DemoKey, args: argparse.Namespace) -> str:
+def _banner(
+    policy: Policy,
+    ports: Ports,
+    key: DemoKey,
+    args: argparse.Namespace,
+    traces: TracePlan = TracePlan(),
+) -> str:
     lines = [f"meshward is up: policy {policy.version} from {args.policy}/", ""]
     for gw in policy.gateways:
         lines.append(
@@ -381,6 +539,7 @@ def _banner(policy: Policy, ports: Ports, key: DemoKey, args: argparse.Namespace
         f"metrics http://127.0.0.1:{ports.authz_status}/metrics)",
         f"  logs               {args.state_dir / 'logs'}/",
         f"  decision log       {decision_log_path(args.state_dir)}   (one JSON line each)",
+        *_trace_banner(traces, args.state_dir),
         "  status             meshward status   (policy and per-proxy versions)",
         f"  live reload        edit {args.policy}/*.yaml: valid edits apply within a second",
         "",
@@ -419,8 +578,27 @@ def _banner(policy: Policy, ports: Ports, key: DemoKey, args: argparse.Namespace
             f"  {curl} {gateway_url(gw)}{path}",
             "",
         ]
-    lines.append("Decisions (Ctrl-C stops everything):")
+    if args.traces:
+        lines.append("Traces, one tree per request (Ctrl-C stops everything):")
+    else:
+        lines.append("Decisions (Ctrl-C stops everything):")
     return "\n".join(lines)
+
+
+def _trace_banner(traces: TracePlan, state_dir: Path) -> list[str]:
+    """The banner's tracing lines: where spans go and how to view them."""
+    if traces.collector is None:
+        return ["  traces             off (add `tracing:` to the policy to trace requests)"]
+    if traces.spans_file is None:
+        return [f"  traces             exported to your collector at {traces.collector}"]
+    view = "meshward traces -f"
+    if state_dir != Path(".meshward"):
+        view += f" --state-dir {state_dir}"
+    return [
+        f"  traces             {traces.spans_file}   "
+        f"(built-in OTLP receiver on {traces.collector})",
+        f"  view traces        {view}   (one span tree per request)",
+    ]
 
 
 class _Printer:
