@@ -307,7 +307,9 @@ class DecisionSpans:
             trace_flags=flags,
             trace_state=sampling.trace_state,
         )
-        if sampling.decision.is_recording():
+        if sampling.decision.is_recording() and self._verdict[0]:
+            # (No processor — tracing off, no exporter configured: only the context is
+            # needed, for the decision log's trace id.)
             tracer.span_processor.on_end(
                 ReadableSpan(
                     name=SPAN_NAME,

@@ -1,12 +1,14 @@
 """Decision tracing's cost: meshward authz with tracing on (every Check's span sampled
-and exported over OTLP/gRPC) against tracing off (no spans), in the same run.
+and exported over OTLP/gRPC) against tracing off (no exporter), in the same run.
 
+"Off" is what an operator gets without an OTLP endpoint: no exporter, no span kept;
+authz still reads the trace context, so decision-log lines keep their trace id.
 Same workload, processes and measurements as ``bench/authz_bench.py`` (its policy
 generator, CheckRequests, server and load processes are reused): a realistic policy
 (50 roles, 200 bindings, 3 issuers), a JWT / API-key / mTLS mix, each call carrying a
 sampled ``traceparent`` in its gRPC metadata as a tracing Envoy sends it, so with
 tracing on every decision makes a span. Both servers have the decision log and metrics
-on; they differ only in spans. The OTLP sink is a separate process that counts and
+on; they differ only in span export. The OTLP sink is a separate process that counts and
 drops spans.
 
 Prints, per engine, closed-loop throughput and CPU per Check, p99 at a fixed offered
@@ -33,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import authz_bench as base  # the bench directory is not a package
 
-OFF = frozenset({"spans"})
+#: Tracing off as an operator turns it off: no OTLP endpoint configured, so no exporter.
+#: authz still takes the trace context for the decision log's trace id.
+OFF = frozenset({"tracing"})
 
 
 def main(argv: list[str] | None = None) -> int:
