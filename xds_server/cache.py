@@ -95,6 +95,28 @@ class Snapshot:
                 by_name[name] = rs.pack(message)
         return cls(version, packed)
 
+    def with_resources(
+        self, version: str, type_url: str, messages: Iterable[Message] = ()
+    ) -> Snapshot:
+        """This snapshot at ``version``, with the resources of ``type_url`` named like
+        ``messages`` replaced by them (in place; names it lacked are appended).
+
+        Every other resource keeps its packed ``Any`` (nothing is re-packed), so their
+        content digests are unchanged and a stream brought to the result pushes only
+        ``type_url`` — how a change of the authz cluster's endpoints goes out as EDS
+        alone. Response bodies are not shared: they carry the version.
+        """
+        resources = {t: dict(by_name) for t, by_name in self._resources.items()}
+        by_name = resources.setdefault(type_url, {})
+        for message in messages:
+            if rs.type_url_of(message) != type_url:
+                raise ValueError(f"{rs.type_url_of(message)} listed under {type_url}")
+            by_name[rs.resource_name(message)] = rs.pack(message)
+        snapshot = Snapshot(version, resources)
+        # Resource versions are content hashes: the untouched types keep theirs.
+        snapshot._versions.update((t, v) for t, v in self._versions.items() if t != type_url)
+        return snapshot
+
     @classmethod
     def empty(cls, version: str) -> Snapshot:
         """A snapshot with no resources: proxies that get it drop all listeners/clusters."""

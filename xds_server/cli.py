@@ -12,6 +12,13 @@ or the operator's ``--ca-cert``/``--ca-key``. SVIDs (``--svid-lifetime`` seconds
 gateway server certificates are issued in memory, served to the proxies (and authz's own
 SVID to authz, for the mTLS Envoy → authz hop) over SDS and
 re-issued at half their lifetime.
+
+The authz cluster: every ``meshward authz --xds`` replica registers itself by its ADS
+stream (its ``--listen`` address; a ``0.0.0.0`` host becomes the IP it connects from)
+and leaves when the stream ends; ``--authz`` adds static endpoints (an authz that does
+not use ``--xds``). With neither, the cluster is empty and Envoy fails closed. Without
+``--authz``, proxies get their first configuration once a replica registers (at most
+6 s after start), so proxies reconnecting after a restart keep their authz endpoints.
 """
 
 from __future__ import annotations
@@ -35,7 +42,6 @@ if TYPE_CHECKING:
 
 DEFAULT_LISTEN = "127.0.0.1:18000"
 DEFAULT_STATUS_LISTEN = "127.0.0.1:18001"
-DEFAULT_AUTHZ = "127.0.0.1:9191"
 DEFAULT_CA_DIR = ".meshward/ca"
 DEFAULT_SVID_LIFETIME = 3600
 #: Below this renewal interval `meshward xds` warns at start (a push per renewal).
@@ -62,7 +68,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="append",
         default=None,
         metavar="HOST:PORT",
-        help=f"ext_authz endpoint, repeatable (default {DEFAULT_AUTHZ})",
+        help="a static endpoint of the authz cluster (an authz that does not use --xds), "
+        "repeatable; replicas started with `meshward authz --xds` register themselves "
+        "(default: none, only registered replicas)",
     )
     parser.add_argument(
         "--status-listen",
@@ -124,13 +132,17 @@ def run(args: argparse.Namespace) -> int:
     from meshward.policy.errors import PolicyError
     from meshward.policy.loader import load_policy
 
-    try:
-        authz = [parse_listen(a) for a in (args.authz or [DEFAULT_AUTHZ])]
-        parse_listen(args.listen)
-        parse_listen(args.status_listen)
-    except ValueError as exc:
-        print(f"meshward xds: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    authz: list[tuple[str, int]] = []
+    flags = [("--authz", a) for a in args.authz or []]
+    flags += [("--listen", args.listen), ("--status-listen", args.status_listen)]
+    for flag, value in flags:
+        try:
+            address = parse_listen(value)
+        except ValueError as exc:
+            print(f"meshward xds: {flag}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if flag == "--authz":
+            authz.append(address)
     try:
         policy = load_policy(args.policy)
     except PolicyError as exc:

@@ -55,6 +55,7 @@ from xds_server.stream import (
     ServerShutdown,
     SnapshotPush,
     Stream,
+    StreamCallbacks,
     StreamClosedError,
     with_nonce,
 )
@@ -193,17 +194,23 @@ StreamFactory: TypeAlias = Callable[..., Stream]
 
 
 class AdsServer:
-    """Serves ADS, SotW and Delta, from a :class:`SnapshotCache`. Register with :meth:`add_to`."""
+    """Serves ADS, SotW and Delta, from a :class:`SnapshotCache`. Register with :meth:`add_to`.
+
+    ``callbacks`` (optional) hears of every stream's open, first applied snapshot and
+    close (:class:`~xds_server.stream.StreamCallbacks`).
+    """
 
     def __init__(
         self,
         cache: SnapshotCache,
         metrics: XdsMetrics | None = None,
         clock: VersionClock | None = None,
+        callbacks: StreamCallbacks | None = None,
     ) -> None:
         self._cache = cache
         self._metrics = metrics
         self._clock = clock
+        self._callbacks = callbacks
         self._streams: dict[int, Stream] = {}
         self._queues: dict[int, asyncio.Queue[_Event]] = {}
         self._groups: dict[str, dict[int, Stream]] = {}
@@ -341,7 +348,11 @@ class AdsServer:
                 "protocol": stream.protocol,
             },
         )
-        if self._cache.get_snapshot(group) is None:
+        if self._callbacks is not None:
+            stream.on_first_applied = self._callbacks.on_stream_applied
+            _run_callback(self._callbacks.on_stream_open, stream, first.node)
+        held = self._callbacks is not None and self._callbacks.holds_group(group)
+        if self._cache.get_snapshot(group) is None and not held:
             log.warning(
                 "no snapshot for node group: the proxy waits until the policy has a "
                 "gateway with this name (or a service with a sidecar, for <service>-sidecar)",
@@ -365,6 +376,8 @@ class AdsServer:
             "xds stream closed",
             extra={"node": stream.node_id, "group": stream.group, "stream": stream.stream_id},
         )
+        if self._callbacks is not None:
+            _run_callback(self._callbacks.on_stream_closed, stream)
 
     def _watcher(self, group: str) -> Callable[[Snapshot], None]:
         def on_snapshot(_snapshot: Snapshot) -> None:
@@ -392,6 +405,14 @@ def _finish_rounds(events: asyncio.Queue[_Event]) -> None:
         event = events.get_nowait()
         if isinstance(event, SnapshotPush):
             event.round.done()
+
+
+def _run_callback(callback: Callable[..., None], *args: Any) -> None:
+    """Run a stream callback; a failure is logged, never breaks the stream."""
+    try:
+        callback(*args)
+    except Exception:
+        log.exception("stream callback failed", extra={"callback": callback.__qualname__})
 
 
 def _identity(body: bytes) -> bytes:

@@ -25,6 +25,11 @@ writes (a 1,000-route RDS is ~300 KB) take a slot of a server-wide semaphore, so
 fan-out to thousands of streams never holds thousands of copies in gRPC's send
 buffers at once. A failed write (peer gone, cancelled, ``INTERNAL``) raises
 :class:`StreamClosedError`, which just ends the stream.
+
+:class:`StreamCallbacks` (go-control-plane's ``server.Callbacks``) lets the service
+follow stream life without touching the protocol: a stream opened (with the node of its
+first request), first *applied* a snapshot (every subscribed type ACKed), closed. The
+xDS service uses them to register authz replicas (:mod:`xds_server.replicas`).
 """
 
 from __future__ import annotations
@@ -33,10 +38,11 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol
 
 import grpc
+from envoy.config.core.v3 import base_pb2
 
 from xds_server import resources as rs
 from xds_server.cache import Snapshot, SnapshotCache
@@ -76,6 +82,28 @@ def with_nonce(body: bytes, nonce: str) -> bytes:
 
 class StreamClosedError(Exception):
     """The peer is gone (closed, cancelled, INTERNAL): end the handler quietly."""
+
+
+class StreamCallbacks(Protocol):
+    """What the ADS server tells its owner about stream life (all on the event loop).
+
+    Callbacks must not block and must not write to streams; an exception is logged
+    and the stream goes on.
+    """
+
+    def on_stream_open(self, stream: Stream, node: base_pb2.Node) -> None:
+        """``stream`` opened; ``node`` is the node of its first request."""
+
+    def on_stream_applied(self, stream: Stream) -> None:
+        """``stream``'s node applied a snapshot for the first time on this stream (every
+        type it subscribed to is ACKed): it holds a complete configuration."""
+
+    def on_stream_closed(self, stream: Stream) -> None:
+        """``stream`` ended (any reason); it is no longer served."""
+
+    def holds_group(self, group: str) -> bool:
+        """Whether the owner holds ``group``'s snapshot back on purpose for now (its
+        proxies wait, keeping what they have; not worth a warning)."""
 
 
 class Stream:
@@ -118,6 +146,9 @@ class Stream:
         self._rejected: dict[str, None] = {}
         #: The snapshot the stream was last brought to (current or rollback target).
         self.pushed: Snapshot | None = None
+        #: Called once, the first time the node applies a snapshot on this stream.
+        self.on_first_applied: Callable[[Stream], None] | None = None
+        self._applied_once = False
 
     @property
     def node_id(self) -> str:
@@ -167,12 +198,21 @@ class Stream:
             return
         await self.push(target, self._ordered(), force)
         self.pushed = target
-        self.status.check_applied(target)
+        self._check_applied(target)
 
     def acked(self, type_url: str) -> None:
         """The latest response of ``type_url`` was ACKed."""
         self.status.acked(type_url)
-        self.status.check_applied(self.pushed)
+        self._check_applied(self.pushed)
+
+    def _check_applied(self, snapshot: Snapshot | None) -> None:
+        if self.status.check_applied(snapshot) and not self._applied_once:
+            self._applied_once = True
+            if self.on_first_applied is not None:
+                try:
+                    self.on_first_applied(self)
+                except Exception:
+                    log.exception("stream callback failed", extra={"node": self.node_id})
 
     def nacked(self, type_url: str, error: str, kept_version: str | None) -> None:
         """Record a NACK of the latest response of ``type_url`` (then call :meth:`bring`).

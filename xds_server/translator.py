@@ -4,9 +4,12 @@ One node group per :class:`~meshward.policy.model.Gateway` (keyed by its name, w
 the ``node.cluster`` its Envoys announce). For each gateway:
 
 * **CDS/EDS** — one cluster per service its routes reference (cluster name = service
-  name), fed by EDS over ADS; plus :data:`AUTHZ_CLUSTER` (HTTP/2, the ext_authz gRPC
-  service). EDS can only carry IP addresses, so a cluster with any DNS-named endpoint
-  is ``STRICT_DNS`` with an inline ``load_assignment`` and has no EDS resource.
+  name), fed by EDS over ADS; plus :data:`AUTHZ_CLUSTER` (HTTP/2, ``LEAST_REQUEST``,
+  the ext_authz gRPC service; its endpoints are what the caller passes: the static
+  ``--authz`` ones plus the replicas registered over ADS, see
+  :mod:`xds_server.replicas`). EDS can only carry IP addresses, so a cluster with any
+  DNS-named endpoint is ``STRICT_DNS`` with an inline ``load_assignment`` and has no
+  EDS resource.
 * **LDS** — one listener (name = gateway name) whose HTTP connection manager gets its
   routes by RDS over ADS and runs ``ext_authz`` then ``router`` (the router is always
   last: filters after it never run).
@@ -579,13 +582,50 @@ def _cluster(
     return cluster, None
 
 
+def authz_uses_eds(authz_endpoints: Sequence[tuple[str, int]]) -> bool:
+    """Whether :data:`AUTHZ_CLUSTER` is an EDS cluster for these endpoints: yes unless one
+    is a DNS name (then ``STRICT_DNS`` with inline endpoints; EDS carries IPs only).
+
+    Only an EDS authz cluster can take the addresses of registered replicas: its
+    endpoints change by EDS alone, the cluster (CDS) stays the same."""
+    return all(is_ip(host) for host, _ in authz_endpoints)
+
+
+def authz_load_assignment(
+    authz_endpoints: Sequence[tuple[str, int]],
+) -> endpoint_pb2.ClusterLoadAssignment:
+    """The EDS resource of :data:`AUTHZ_CLUSTER`: one locality with every endpoint.
+
+    An empty list is a valid assignment with no hosts: Envoy's ext_authz then fails
+    every Check (``no healthy upstream``) and answers the configured failure status
+    (``failure_mode_allow: false``): closed, never open."""
+    return _load_assignment(AUTHZ_CLUSTER, authz_endpoints)
+
+
 def _authz_cluster(
     policy: Policy,
     authz_endpoints: Sequence[tuple[str, int]],
     credentials: Credentials | None,
 ) -> tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment | None]:
-    """The HTTP/2 ext_authz cluster; mTLS to authz's SPIFFE ID when authz has an SVID."""
+    """The HTTP/2 ext_authz cluster; mTLS to authz's SPIFFE ID when authz has an SVID.
+
+    Its endpoints are authz processes (replicas), each a separate endpoint. Envoy opens
+    one long-lived HTTP/2 connection per endpoint (per worker) and picks an endpoint
+    *per Check*, not per connection, so the load-balancing policy decides the spread:
+    ``LEAST_REQUEST`` (power of two choices on in-flight Checks) rather than
+    ``ROUND_ROBIN``, because replicas are single Python processes whose speed varies
+    (GIL pauses, a shared or busier core): a slow replica accumulates in-flight Checks
+    and gets fewer new ones, where round robin would keep feeding it its full share.
+    With equal load it spreads evenly like round robin.
+
+    Per-connection concurrency is not a limit: Envoy's HTTP/2 ``max_concurrent_streams``
+    default (2^31 - 1) and authz's gRPC server (no ``MAX_CONCURRENT_STREAMS`` setting)
+    let one connection carry every concurrent Check; a second connection to the same
+    process would add no CPU to it. Scale by adding replicas (``meshward authz --xds``,
+    one per free core, ``--cpu`` to pin each), which register themselves as endpoints.
+    """
     cluster, assignment = _cluster(AUTHZ_CLUSTER, list(authz_endpoints), http2=True)
+    cluster.lb_policy = cluster_pb2.Cluster.LEAST_REQUEST
     if credentials is not None and AUTHZ_GROUP in credentials.svids:
         cluster.transport_socket.CopyFrom(
             _upstream_tls(policy.spiffe_id(AUTHZ_GROUP), alpn=("h2",))

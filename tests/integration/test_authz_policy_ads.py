@@ -327,8 +327,12 @@ def test_policy_updates_reach_authz_and_survive_an_xds_restart(
         )
         assert node["group"] == AUTHZ_GROUP
         assert node["types"]["policy"]["nack_error"] is None
-        # Default authz endpoints: the policy version plus the credential generation.
-        assert version_b.startswith(b.version + "+")
+        # The policy version, the authz endpoints (the default one plus this replica,
+        # registered by its own stream) and the credential generation.
+        assert version_b.startswith(b.version + "-") and "+" in version_b
+        [replica] = xds.status()["authz_replicas"]
+        assert replica["node"] == "authz-it-1" and replica["ready"] is True
+        assert replica["address"] in xds.status()["authz_endpoints"]
         assert node["types"]["sds"]["acked"] is not None
 
         status = authz.status()
