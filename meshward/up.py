@@ -1,13 +1,15 @@
 """``meshward up``: the whole local mesh from one command, with real Envoy processes.
 
-It starts, each as its own supervised process: the xDS server, authz, one Envoy per
-gateway (bootstrap rendered from ``envoy/bootstrap.yaml``; everything else arrives over
-xDS) and a demo upstream for each service whose endpoints are on loopback. Infra ports
-(xDS, authz, status, Envoy admin) are picked free on 127.0.0.1; gateway and service
-ports come from the policy. Once every part reports ready it prints the gateway URLs
-and ready-to-paste ``curl`` commands with demo tokens, then one line per authz
-decision (read back from authz's decision log, ``<state-dir>/logs/decisions.jsonl``),
-or with ``--traces`` one span tree per request instead.
+It starts, each as its own supervised process: the xDS server, authz (``--authz-replicas
+N`` processes, each registering itself with the xDS server as an endpoint of the authz
+cluster), one Envoy per gateway (bootstrap rendered from ``envoy/bootstrap.yaml``;
+everything else arrives over xDS) and a demo upstream for each service whose endpoints
+are on loopback. Infra ports (xDS, authz, status, Envoy admin) are picked free on
+127.0.0.1; gateway and service ports come from the policy. Once every part reports ready
+it prints the gateway URLs and ready-to-paste ``curl`` commands with demo tokens, then
+one line per authz decision (read back from authz's decision log,
+``<state-dir>/logs/decisions.jsonl``), or with ``--traces`` one span tree per request
+instead.
 Ctrl-C (or SIGTERM) stops every process it started.
 
 Tracing (:class:`TracePlan`): when the policy has ``tracing:``, authz exports its
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import signal
 import socket
 import sys
@@ -67,6 +70,21 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--authz-workers", type=int, default=4)
     p.add_argument(
+        "--authz-replicas",
+        type=_replica_count,
+        default=1,
+        metavar="N",
+        help=(
+            "authz processes to run (default 1); each registers itself with the xDS "
+            "server as an endpoint of the authz cluster, and Envoy spreads Checks over them"
+        ),
+    )
+    p.add_argument(
+        "--authz-pin",
+        action="store_true",
+        help="pin authz replica i to CPU i (mod the CPU count), as `meshward authz --cpu` does",
+    )
+    p.add_argument(
         "--ready-timeout",
         type=float,
         default=30.0,
@@ -94,13 +112,31 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _replica_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of authz processes, 1 to 16")
+    return value
+
+
 @dataclass(frozen=True)
 class Ports:
     xds: int
     xds_status: int
+    #: The first authz replica's gRPC and status ports.
     authz: int
     authz_status: int
     admin: dict[str, int]
+    #: (gRPC, status) ports of the replicas after the first (``--authz-replicas``).
+    more_authz: tuple[tuple[int, int], ...] = ()
+
+    def replicas(self) -> list[tuple[str, int, int]]:
+        """(name, gRPC port, status port) of every authz replica; the first is "authz"."""
+        first = [("authz", self.authz, self.authz_status)]
+        return first + [(f"authz-{i}", g, st) for i, (g, st) in enumerate(self.more_authz, 2)]
 
 
 @dataclass(frozen=True)
@@ -200,27 +236,31 @@ def run(args: argparse.Namespace) -> int:
         authz=free_port(),
         authz_status=free_port(),
         admin={group: free_port() for group in policy.node_groups()},
+        more_authz=tuple((free_port(), free_port()) for _ in range(args.authz_replicas - 1)),
     )
     quiet = args.quiet_decisions or args.traces
     sup = Supervisor(on_line=_LineRouter(say, quiet), on_event=say.event)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    follower: Any = None
+    followers: list[Any] = []
     if args.traces:
         from meshward.traces_cmd import TraceTail
 
         assert traces.spans_file is not None
         traces.spans_file.parent.mkdir(parents=True, exist_ok=True)
         # Started before the receiver: spans an earlier run left in the file are not shown.
-        follower = TraceTail(traces.spans_file, say.decision)
-        follower.start()
+        followers.append(TraceTail(traces.spans_file, say.decision))
     elif not quiet:
         from authz.decision_log import DecisionLogFollower
 
-        # Started before authz: what an earlier run left in the file is not shown.
-        follower = DecisionLogFollower(
-            decision_log_path(args.state_dir), lambda line: _print_decision(say, line)
-        )
+        # Started before authz: what an earlier run left in the files is not shown.
+        followers += [
+            DecisionLogFollower(
+                decision_log_path(args.state_dir, name), lambda line: _print_decision(say, line)
+            )
+            for name, _, _ in ports.replicas()
+        ]
+    for follower in followers:
         follower.start()
     try:
         _start_all(sup, args, policy, ports, envoy, traces=traces)
@@ -240,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
         say.event("stopping every process meshward up started ...")
         say.stopping = True
         sup.stop()
-        if follower is not None:
+        for follower in followers:
             follower.stop()
         say.event("stopped")
     return 0
@@ -362,25 +402,29 @@ def _start_all(
             [*py, "xds", "--policy", policy_dir,
              "--listen", f"127.0.0.1:{ports.xds}",
              "--status-listen", f"127.0.0.1:{ports.xds_status}",
-             "--authz", f"127.0.0.1:{ports.authz}",
              "--ca-dir", str(args.state_dir / "ca")],
             env={"OTEL_SERVICE_NAME": "meshward-xds"},
             log_path=logs / "xds.log",
         )
     )  # fmt: skip
-    # authz takes its policy from the xDS server (one source of truth), not from files.
-    sup.start(
-        Child(
-            "authz",
-            [*py, "authz", "--xds", f"127.0.0.1:{ports.xds}", "--node-id", "authz-local",
-             "--listen", f"127.0.0.1:{ports.authz}",
-             "--status-listen", f"127.0.0.1:{ports.authz_status}",
-             "--workers", str(args.authz_workers),
-             "--decision-log", str(decision_log_path(args.state_dir))],
-            env={"OTEL_SERVICE_NAME": "meshward-authz", **traces.authz_env()},
-            log_path=logs / "authz.log",
-        )
-    )  # fmt: skip
+    # authz takes its policy from the xDS server (one source of truth), not from files,
+    # and each replica registers itself there as an endpoint of the authz cluster.
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    for i, (name, grpc_port, status_port) in enumerate(ports.replicas()):
+        pin = ["--cpu", str(cpus[i % len(cpus)])] if args.authz_pin and cpus else []
+        sup.start(
+            Child(
+                name,
+                [*py, "authz", "--xds", f"127.0.0.1:{ports.xds}",
+                 "--node-id", f"{name}-local",
+                 "--listen", f"127.0.0.1:{grpc_port}",
+                 "--status-listen", f"127.0.0.1:{status_port}",
+                 "--workers", str(args.authz_workers),
+                 "--decision-log", str(decision_log_path(args.state_dir, name)), *pin],
+                env={"OTEL_SERVICE_NAME": "meshward-authz", **traces.authz_env()},
+                log_path=logs / f"{name}.log",
+            )
+        )  # fmt: skip
     boot_dir = args.state_dir / "bootstrap"
     boot_dir.mkdir(parents=True, exist_ok=True)
     # One Envoy per node group: each gateway and each service's sidecar.
@@ -421,6 +465,15 @@ def _write_state(state_dir: Path, ports: Ports, traces: TracePlan = TracePlan())
         "xds_status_url": f"http://127.0.0.1:{ports.xds_status}/status",
         "authz": f"127.0.0.1:{ports.authz}",
         "authz_status_url": f"http://127.0.0.1:{ports.authz_status}/status",
+        "authz_replicas": [
+            {
+                "name": name,
+                "authz": f"127.0.0.1:{grpc_port}",
+                "status_url": f"http://127.0.0.1:{status_port}/status",
+                "decision_log": str(decision_log_path(state_dir, name)),
+            }
+            for name, grpc_port, status_port in ports.replicas()
+        ],
         "decision_log": str(decision_log_path(state_dir)),
         "envoy_admin": {name: f"http://127.0.0.1:{port}" for name, port in ports.admin.items()},
         "trace_collector": traces.collector,
@@ -458,9 +511,9 @@ def _wait_ready(
     # authz's /healthz is 200 only once it holds both the policy and its SVID (both
     # come from the xDS server over ADS; it serves Envoy over mTLS only).
     checks = {
-        "authz": f"http://127.0.0.1:{ports.authz_status}/healthz",
-        "xds": f"http://127.0.0.1:{ports.xds_status}/healthz",
+        name: f"http://127.0.0.1:{status_port}/healthz" for name, _, status_port in ports.replicas()
     }
+    checks["xds"] = f"http://127.0.0.1:{ports.xds_status}/healthz"
     for group in policy.node_groups():
         checks[f"envoy-{group}"] = f"http://127.0.0.1:{ports.admin[group]}/ready"
     pending = dict(checks)
@@ -534,11 +587,15 @@ def _banner(
     lines += [
         f"  xDS server         127.0.0.1:{ports.xds}   "
         f"(status http://127.0.0.1:{ports.xds_status}/status)",
-        f"  authz              127.0.0.1:{ports.authz}   "
-        f"(mTLS only, {policy.spiffe_id('meshward-authz')}; "
-        f"metrics http://127.0.0.1:{ports.authz_status}/metrics)",
+        *(
+            f"  {name:<18} 127.0.0.1:{grpc_port}   "
+            f"(mTLS only, {policy.spiffe_id('meshward-authz')}; "
+            f"metrics http://127.0.0.1:{status_port}/metrics)"
+            for name, grpc_port, status_port in ports.replicas()
+        ),
         f"  logs               {args.state_dir / 'logs'}/",
-        f"  decision log       {decision_log_path(args.state_dir)}   (one JSON line each)",
+        f"  decision log       {decision_log_path(args.state_dir)}   (one JSON line each"
+        + (", a file per authz replica)" if ports.more_authz else ")"),
         *_trace_banner(traces, args.state_dir),
         "  status             meshward status   (policy and per-proxy versions)",
         f"  live reload        edit {args.policy}/*.yaml: valid edits apply within a second",

@@ -120,6 +120,7 @@ class Mesh:
         state_dir: Path,
         env: dict[str, str] | None = None,
         timeout: float = 60.0,
+        args: tuple[str, ...] = (),
     ) -> Mesh:
         full_env = dict(os.environ)
         full_env.update(env or {})
@@ -137,6 +138,7 @@ class Mesh:
                 "--no-upstreams",
                 "--bootstrap-template",
                 str(ROOT / "envoy" / "bootstrap.yaml"),
+                *args,
             ],
             cwd=state_dir.parent,
             env=full_env,
