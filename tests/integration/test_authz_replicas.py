@@ -288,9 +288,11 @@ def test_an_xds_restart_keeps_every_request_decided(
         lambda: http_request(ports["gateway_port"], "/orders/1", headers=alice)[0] == 200, 15
     ), mesh.logs()
 
-    def edge_node() -> dict[str, Any]:
-        nodes = mesh.get_json("xds", "/status")["nodes"]
-        return next(n for n in nodes if n["group"] == "edge")
+    def edge_synced() -> bool:
+        """The edge proxy is back and applied the restarted server's version."""
+        status = mesh.get_json("xds", "/status")
+        edge = [n for n in status["nodes"] if n["group"] == "edge"]
+        return bool(edge) and edge[0]["applied_version"] == status["version"]
 
     with Traffic(ports["gateway_port"], "/orders/1", alice) as traffic:
         time.sleep(0.5)
@@ -299,10 +301,7 @@ def test_an_xds_restart_keeps_every_request_decided(
         mesh.start_xds(policy_dir)
         # Back in sync: both replicas registered again and the proxy applied the result.
         assert wait_until(
-            lambda: (
-                len(mesh.get_json("xds", "/status")["authz_endpoints"]) == 2
-                and edge_node()["applied_version"] == mesh.get_json("xds", "/status")["version"]
-            ),
+            lambda: len(mesh.get_json("xds", "/status")["authz_endpoints"]) == 2 and edge_synced(),
             20,
         ), mesh.logs()
         time.sleep(0.5)
