@@ -54,7 +54,10 @@ INGRESS = "ingress"
 AUTHZ_EGRESS = "async envoy.service.auth.v3.Authorization.Check egress"
 SPAN_KIND_SERVER, SPAN_KIND_CLIENT = 2, 3
 #: Export every finished span at once (Envoy's defaults: 5 spans or every 5 s).
-DEFAULT_FLUSH = "        tracing.opentelemetry.flush_interval_ms: 1000\n"
+DEFAULT_FLUSH = (
+    "        tracing.opentelemetry.min_flush_spans: 256\n"
+    "        tracing.opentelemetry.flush_interval_ms: 1000\n"
+)
 FAST_FLUSH = (
     "        tracing.opentelemetry.min_flush_spans: 1\n"
     "        tracing.opentelemetry.flush_interval_ms: 100\n"
