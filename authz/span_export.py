@@ -27,6 +27,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry.context import Context
@@ -90,7 +91,11 @@ class CountingBatchSpanProcessor(SpanProcessor):
         schedule_delay_millis: int = SETTINGS["OTEL_BSP_SCHEDULE_DELAY"],
         max_export_batch_size: int = SETTINGS["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"],
         export_timeout_millis: int = SETTINGS["OTEL_BSP_EXPORT_TIMEOUT"],
+        encode: Callable[[ReadableSpan], Any] | None = None,
     ) -> None:
+        """``encode``: applied to each span in ``on_end`` (on the thread that ended it);
+        the exporter then gets batches of its results (the lean OTLP exporter's
+        ``encode_one``, see :mod:`authz.tracing`)."""
         if not 0 < max_export_batch_size <= max_queue_size:
             raise ValueError("need 0 < max_export_batch_size <= max_queue_size")
         self._exporter = exporter
@@ -98,7 +103,8 @@ class CountingBatchSpanProcessor(SpanProcessor):
         self._delay = schedule_delay_millis / 1000
         self._batch = max_export_batch_size
         self._timeout = export_timeout_millis / 1000
-        self._queue: deque[ReadableSpan] = deque(maxlen=max_queue_size)
+        self._encode = encode
+        self._queue: deque[Any] = deque(maxlen=max_queue_size)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._idle = threading.Condition(self._lock)
@@ -114,7 +120,9 @@ class CountingBatchSpanProcessor(SpanProcessor):
         self._worker.start()
 
     @classmethod
-    def from_env(cls, exporter: SpanExporter) -> CountingBatchSpanProcessor:
+    def from_env(
+        cls, exporter: SpanExporter, encode: Callable[[ReadableSpan], Any] | None = None
+    ) -> CountingBatchSpanProcessor:
         """Configured by the ``OTEL_BSP_*`` variables (see :data:`SETTINGS`)."""
         s = settings_from_env()
         return cls(
@@ -123,6 +131,7 @@ class CountingBatchSpanProcessor(SpanProcessor):
             schedule_delay_millis=s["OTEL_BSP_SCHEDULE_DELAY"],
             max_export_batch_size=s["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"],
             export_timeout_millis=s["OTEL_BSP_EXPORT_TIMEOUT"],
+            encode=encode,
         )
 
     # -- SpanProcessor -------------------------------------------------------------
@@ -135,13 +144,30 @@ class CountingBatchSpanProcessor(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         context = span.context
-        if context is None or not context.trace_flags.sampled or self._shutdown:
+        if context is None or not context.trace_flags.sampled:
+            return
+        self.enqueue(span if self._encode is None else self._encode(span))
+
+    @property
+    def exporter(self) -> SpanExporter:
+        return self._exporter
+
+    @property
+    def encodes(self) -> bool:
+        """Whether queued spans are encoded as they end (the exporter takes those)."""
+        return self._encode is not None
+
+    def enqueue(self, item: Any) -> None:
+        """Queue one sampled span as the exporter takes it (already encoded, when this
+        processor encodes): what ``on_end`` does after its checks, for a caller that
+        made the item itself (the lean span path of :mod:`authz.tracing`)."""
+        if self._shutdown:
             return
         queue = self._queue
         if len(queue) >= self._max_queue:  # the append below evicts the oldest
             with self._lock:
                 self.dropped_queue_full += 1
-        queue.append(span)
+        queue.append(item)
         if len(queue) >= self._batch and not self._wake.is_set():
             self._wake.set()
 
@@ -201,7 +227,7 @@ class CountingBatchSpanProcessor(SpanProcessor):
         with self._lock:
             self._idle.notify_all()
 
-    def _export(self, batch: list[ReadableSpan]) -> bool:
+    def _export(self, batch: list[Any]) -> bool:
         try:
             return self._exporter.export(batch) is SpanExportResult.SUCCESS
         except Exception:  # an exporter bug must not kill the worker

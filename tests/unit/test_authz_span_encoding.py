@@ -10,13 +10,15 @@ lean path must equal (but for its random span id) the one the SDK's generic
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
@@ -25,7 +27,8 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from authz import reasons
 from authz.decision import Decision
 from authz.request import AuthzRequest
-from authz.tracing import SPAN_NAME, DecisionSpans, SpanEncoder
+from authz.span_export import CountingBatchSpanProcessor
+from authz.tracing import SPAN_NAME, DecisionSpans, EncodedSpan, SpanEncoder
 
 TEXT = st.text(alphabet=string.printable + "éß漢", max_size=40)
 ATTRIBUTE_VALUE = st.one_of(
@@ -179,3 +182,67 @@ def test_lean_span_equals_the_sdk_span(i: int, parent: str, sampler: str, error:
             encode_spans([ours]).resource_spans[0].scope_spans[0].scope
             == encode_spans([theirs]).resource_spans[0].scope_spans[0].scope
         )
+
+
+class _KeepEncoded(SpanExporter):
+    """Stands in for the lean OTLP exporter: takes EncodedSpans, exposes its encoder."""
+
+    def __init__(self) -> None:
+        self.span_encoder = SpanEncoder()
+        self.batches: list[list[EncodedSpan]] = []
+
+    def export(self, spans: Sequence[Any]) -> SpanExportResult:
+        self.batches.append(list(spans))
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    i=st.integers(min_value=0, max_value=100),
+    parent=st.sampled_from(["none", "sampled", "unsampled", "header"]),
+    error=st.booleans(),
+)
+def test_spans_encoded_from_their_parts_equal_the_sdk_span_encoded(
+    i: int, parent: str, error: bool
+) -> None:
+    """The lean path with meshward's export processor encodes without a ReadableSpan;
+    the request it leads to is the stock encoding of the SDK's own span."""
+    metadata: list[tuple[str, str]] = []
+    headers: dict[str, str] = {"x-request-id": f"r{i}"}
+    if parent in ("sampled", "unsampled"):
+        flag = "01" if parent == "sampled" else "00"
+        metadata = [("traceparent", f"00-{'ab' * 16}-{'cd' * 8}-{flag}")]
+    elif parent == "header":
+        headers["traceparent"] = f"00-{'12' * 16}-{'34' * 8}-01"
+    request = AuthzRequest.of("GET", "/orders/1", service="orders", headers=headers)
+
+    direct = _KeepEncoded()
+    processor = CountingBatchSpanProcessor(
+        direct, max_export_batch_size=1, encode=direct.span_encoder.encode_one
+    )
+    provider = TracerProvider(id_generator=_FixedIds(i))
+    provider.add_span_processor(processor)
+    spans_ = DecisionSpans(provider.get_tracer("meshward.authz"))
+    spans_.record(_decision(i), request, metadata, start_ns=1000, end_ns=2000, internal_error=error)
+    assert spans_._verdict[2] is not None  # the direct path was taken
+    assert processor.force_flush(5000)
+    provider.shutdown()
+
+    sdk = InMemorySpanExporter()
+    reference = TracerProvider(id_generator=_FixedIds(i))
+    reference.add_span_processor(SimpleSpanProcessor(sdk))
+    generic = DecisionSpans(reference.get_tracer("meshward.authz"))
+    generic._lean = False
+    generic.record(
+        _decision(i), request, metadata, start_ns=1000, end_ns=2000, internal_error=error
+    )
+    theirs = sdk.get_finished_spans()
+    ours = [item for batch in direct.batches for item in batch]
+    assert len(ours) == len(theirs)  # an unsampled parent: neither exports a span
+    if theirs:
+        (item,) = ours
+        assert item.span is None and item.data is not None
+        assert direct.span_encoder.encode(ours) == encode_spans(theirs)
