@@ -495,16 +495,59 @@ def lean_otlp_exporter() -> Any:
         encode_one = staticmethod(encoder.encode_one)
         span_encoder = encoder
 
+        def __init__(self) -> None:
+            super().__init__()
+            #: Whether requests go to the channel as the encoder's bytes (not parsed
+            #: into a message only for the stub to serialize it again).
+            self.raw = _raw_stub_possible(self)
+            if self.raw:
+                self._stub = _RawTraceStub
+                self._client = _RawTraceStub(self._channel)  # type: ignore[assignment]
+
         def _translate_data(self, data: Sequence[Any]) -> Any:
-            request = encoder.encode(data)
+            request = encoder.encode(data, raw=self.raw)
             if request is None:  # several resources/scopes: grouped, not byte-exact
-                request = encoder.encode(data, exact=False)
+                request = encoder.encode(data, exact=False, raw=self.raw)
             if request is not None:
                 return request
             spans = [d.span if type(d) is EncodedSpan else d for d in data]
             return stock_encode([s for s in spans if s is not None])
 
     return LeanOtlpSpanExporter()
+
+
+_EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+
+def _serialize_request(request: Any) -> bytes:
+    """Encoder bytes as they are; a message (the stock encoder's) serialized."""
+    return request if type(request) is bytes else bytes(request.SerializeToString())
+
+
+class _RawTraceStub:
+    """``TraceServiceStub`` whose ``Export`` takes the request's wire bytes too."""
+
+    def __init__(self, channel: Any) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceResponse,
+        )
+
+        self.Export = channel.unary_unary(
+            _EXPORT_METHOD,
+            request_serializer=_serialize_request,
+            response_deserializer=ExportTraceServiceResponse.FromString,
+        )
+
+
+def _raw_stub_possible(exporter: Any) -> bool:
+    """Whether the stock exporter keeps its stub class and channel where this module
+    swaps them (``_stub``, ``_channel``, ``_client``, rebuilt by
+    ``_initialize_channel_and_stub`` on reconnect); else requests stay messages."""
+    return (
+        all(hasattr(exporter, name) for name in ("_stub", "_channel", "_client"))
+        and callable(getattr(exporter, "_initialize_channel_and_stub", None))
+        and getattr(exporter._channel, "unary_unary", None) is not None
+    )
 
 
 def _varint(value: int) -> bytes:
@@ -607,11 +650,14 @@ class SpanEncoder:
         encoder (primitive attribute values only)."""
         return self._header(resource, scope) is not None
 
-    def encode(self, spans: Sequence[ReadableSpan | EncodedSpan], *, exact: bool = True) -> Any:
+    def encode(
+        self, spans: Sequence[ReadableSpan | EncodedSpan], *, exact: bool = True, raw: bool = False
+    ) -> Any:
         """The request for ``spans`` (finished spans, or :meth:`encode_one`'s results);
         ``None`` when one needs the stock encoder (events, links, dropped attributes,
         non-primitive attribute values, more than one resource or scope in the batch
-        unless ``exact`` is false). One export thread at a time."""
+        unless ``exact`` is false). ``raw``: the request's wire bytes instead of the
+        message. One export thread at a time."""
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
             ExportTraceServiceRequest,
         )
@@ -661,6 +707,8 @@ class SpanEncoder:
             body.append(_field(b"\x0a", entry))
         if len(self._headers) > 64:  # resources and scopes are few; never grow unbounded
             self._headers.clear()
+        if raw:
+            return b"".join(body)
         return ExportTraceServiceRequest.FromString(b"".join(body))
 
     def _attribute(self, tag: bytes, key: str, value: Any) -> bytes | None:

@@ -246,3 +246,18 @@ def test_spans_encoded_from_their_parts_equal_the_sdk_span_encoded(
         (item,) = ours
         assert item.span is None and item.data is not None
         assert direct.span_encoder.encode(ours) == encode_spans(theirs)
+
+
+def test_the_lean_exporter_sends_encoder_bytes_and_keeps_doing_so_after_reconnecting(
+    monkeypatch: Any,
+) -> None:
+    """With this SDK the request bytes go to the channel as encoded (no parse and
+    re-serialize), also after the exporter rebuilds its channel on UNAVAILABLE."""
+    from authz.tracing import lean_otlp_exporter
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")
+    exporter = lean_otlp_exporter()
+    assert exporter.raw
+    exporter._initialize_channel_and_stub()
+    assert type(exporter._client).__name__ == "_RawTraceStub"
+    exporter.shutdown()
