@@ -64,6 +64,8 @@ install-check:
 
 bench: install
 	$(PY) bench/authz_bench.py
+	$(PY) bench/tracing_bench.py
+	$(PY) bench/envoy_bench.py
 	$(PY) bench/authz_scaleout_bench.py
 	$(PY) bench/xds_bench.py
 	$(PY) bench/mtls_bench.py

@@ -23,7 +23,7 @@ Processes (so each CPU figure is one process's own), for each serving engine
   options and health service);
 * **meshward** — :class:`authz.server.AuthzService` on that engine, with everything
   production has on:
-  spans through a ``BatchSpanProcessor`` and the real OTLP/gRPC exporter
+  spans through meshward's bounded batch processor and the real OTLP/gRPC exporter
   (:func:`authz.tracing.setup_tracer_provider`, as ``meshward authz`` with
   ``OTEL_EXPORTER_OTLP_ENDPOINT``) to an OTLP sink in another process that counts the
   spans and drops them; the decision log written to a file (formatted JSON lines; via the
@@ -942,7 +942,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"# engines: {'; '.join(described[e] for e in engines)}; baseline and meshward "
             f"share each engine's settings; "
-            f"meshward: spans via BatchSpanProcessor + OTLP/gRPC exporter to a dropping "
+            f"meshward: spans via the counting batch processor + OTLP/gRPC exporter to a dropping "
             f"sink process, decision log to a file, metrics on; "
             f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}"
             + (", servers pinned to CPU 0, load + OTLP sink to CPU 1" if pin else ", unpinned")
