@@ -54,8 +54,20 @@ images:
 # The docker-compose mesh end to end (tests/e2e): builds the images, `up`, requests
 # through the gateway's published port, `down -v` at the end; on a failure the
 # containers' logs are saved in .meshward/e2e-logs/.
+# With every compose tool present (`docker compose` v2 and `docker-compose` v1), the
+# suite runs once with each; CI requires both.
 e2e: install
-	$(PY) -m pytest tests/e2e -q
+	@set -e; tools=""; \
+	if docker compose version >/dev/null 2>&1; then tools="$$tools v2"; fi; \
+	if command -v docker-compose >/dev/null 2>&1; then tools="$$tools v1"; fi; \
+	if [ -n "$(CI)" ] && [ "$$tools" != " v2 v1" ]; then \
+	  echo "make e2e: CI runs the suite with docker compose (v2) and docker-compose (v1); found:$${tools:- none}" >&2; exit 1; \
+	fi; \
+	if [ -z "$$tools" ]; then $(PY) -m pytest tests/e2e -q; fi; \
+	for tool in $$tools; do \
+	  echo "== tests/e2e with compose $$tool"; \
+	  MESHWARD_COMPOSE=$$tool $(PY) -m pytest tests/e2e -q; \
+	done
 
 # Proves a fresh, non-editable `pip install .` works despite the file clashes, and that
 # a broken set is detected at start with the repair command.

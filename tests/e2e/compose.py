@@ -66,8 +66,24 @@ def docker_engine_problem() -> str | None:
     return None
 
 
+#: ``MESHWARD_COMPOSE=v1`` or ``v2`` forces a compose tool (CI runs the suite with each).
+COMPOSE_ENV = "MESHWARD_COMPOSE"
+
+
 def compose_command() -> list[str]:
-    """``docker compose`` when the v2 plugin works, else ``docker-compose`` (v1)."""
+    """``docker compose`` when the v2 plugin works, else ``docker-compose`` (v1);
+    ``$MESHWARD_COMPOSE`` (``v1``/``v2``) picks one, and its absence is an error."""
+    forced = os.environ.get(COMPOSE_ENV, "").strip()
+    if forced == "v2":
+        if run(["docker", "compose", "version"], timeout=30, check=False).returncode != 0:
+            raise ComposeError(f"{COMPOSE_ENV}=v2 but `docker compose` (the v2 plugin) fails")
+        return ["docker", "compose"]
+    if forced == "v1":
+        if shutil.which("docker-compose") is None:
+            raise ComposeError(f"{COMPOSE_ENV}=v1 but `docker-compose` is not installed")
+        return ["docker-compose"]
+    if forced:
+        raise ComposeError(f"{COMPOSE_ENV}={forced!r}: use v1 or v2 (or unset it)")
     try:
         if run(["docker", "compose", "version"], timeout=30, check=False).returncode == 0:
             return ["docker", "compose"]
