@@ -204,8 +204,8 @@ def test_gateway_tls_versions_are_enforced(world: World) -> None:
         https_request(world.ports["edge"], "/orders/1", ssl.create_default_context())
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_http2_with_only_the_ca_bundle(world: World) -> None:
+    assert shutil.which("curl"), "curl is needed as the outside client (apt-get install curl)"
     result = subprocess.run(
         [
             "curl",
