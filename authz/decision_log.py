@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import queue
-import stat
 import sys
 import threading
 import time
@@ -45,6 +44,7 @@ from typing import Any, BinaryIO, Protocol, TextIO
 
 from authz.decision import Decision
 from authz.request import AuthzRequest
+from meshward.rotating_file import LinesNotWrittenError, RotatingFile
 
 LOGGER_NAME = "meshward.decision"
 #: The ``destination`` that means stdout.
@@ -98,13 +98,6 @@ def encode_record(fields: dict[str, Any]) -> bytes:
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=str, check_circular=False)
 
 
-class _WriteError(Exception):
-    def __init__(self, unwritten: int, error: OSError) -> None:
-        super().__init__(str(error))
-        self.unwritten = unwritten
-        self.error = error
-
-
 class _ByteStream(Protocol):
     def write(self, data: bytes, /) -> object: ...
     def flush(self) -> object: ...
@@ -122,104 +115,13 @@ class _StreamSink:
             self._stream.write(b"".join(lines))
             self._stream.flush()
         except OSError as error:
-            raise _WriteError(len(lines), error) from error
+            raise LinesNotWrittenError(len(lines), error) from error
         except ValueError as error:  # closed stream
-            raise _WriteError(len(lines), OSError(str(error))) from error
+            raise LinesNotWrittenError(len(lines), OSError(str(error))) from error
 
     def close(self) -> None:
         with contextlib.suppress(OSError, ValueError):
             self._stream.flush()
-
-
-class RotatingFile:
-    """Appends whole lines to ``path``, rotating by rename at ``max_bytes``.
-
-    Only regular files rotate (``/dev/stderr`` or a FIFO is written as it is). One
-    writer per file: the size is tracked, not re-read.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], max_bytes: int, backups: int) -> None:
-        if max_bytes < 1:
-            raise ValueError(f"max_bytes must be at least 1, not {max_bytes}")
-        if backups < 0:
-            raise ValueError(f"backups must be 0 or more, not {backups}")
-        self.path = os.fspath(path)
-        self.name = self.path
-        self.max_bytes = max_bytes
-        self.backups = backups
-        self._size = 0
-        self._rotates = True
-        self._fd: int | None = None
-        self._fd = self._open()
-
-    def _open(self) -> int:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        info = os.fstat(fd)
-        self._size = info.st_size
-        self._rotates = stat.S_ISREG(info.st_mode)
-        return fd
-
-    def write(self, lines: list[bytes]) -> None:
-        """Write ``lines`` (each ending in a newline), rotating between lines as needed."""
-        chunk: list[bytes] = []
-        pending = 0
-        written = 0
-        try:
-            for line in lines:
-                if (
-                    self._rotates
-                    and self._size + pending > 0
-                    and self._size + pending + len(line) > self.max_bytes
-                ):
-                    if chunk:
-                        self._write(b"".join(chunk))
-                        written += len(chunk)
-                        chunk, pending = [], 0
-                    self._rotate()
-                chunk.append(line)
-                pending += len(line)
-            if chunk:
-                self._write(b"".join(chunk))
-        except OSError as error:
-            raise _WriteError(len(lines) - written, error) from error
-
-    def _write(self, data: bytes) -> None:
-        if self._fd is None:  # a rotation failed to reopen: try again
-            self._fd = self._open()
-        fd = self._fd
-        start = self._size
-        view = memoryview(data)
-        try:
-            while view:
-                count = os.write(fd, view)
-                view = view[count:]
-                self._size += count
-        except OSError:
-            # Take back a partly written batch: the file never ends in half a line.
-            with contextlib.suppress(OSError):
-                if os.fstat(fd).st_size > start:
-                    os.ftruncate(fd, start)
-                    self._size = start
-            raise
-
-    def _rotate(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self.backups == 0:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-        else:
-            for index in range(self.backups - 1, 0, -1):
-                with contextlib.suppress(FileNotFoundError):
-                    os.replace(f"{self.path}.{index}", f"{self.path}.{index + 1}")
-            os.replace(self.path, f"{self.path}.1")
-        self._fd = self._open()
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 class DecisionLog:
@@ -345,7 +247,7 @@ class DecisionLog:
             return
         try:
             self._sink.write([encode_record(fields) for fields in items])
-        except _WriteError as failure:
+        except LinesNotWrittenError as failure:
             self.failed += failure.unwritten
             if not self._failure_logged:
                 self._failure_logged = True

@@ -16,15 +16,15 @@ its newline arrives) and lines that are not spans (skipped and counted).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import stat
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from meshward.rotating_file import LinesNotWrittenError, RotatingFile
 
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 DEFAULT_BACKUPS = 3
@@ -107,10 +107,10 @@ def parse_line(line: bytes | str) -> ReceivedSpan | None:
 
 
 class SpansFileWriter:
-    """Appends spans to ``path`` as JSON lines, rotating by size; thread-safe.
+    """Appends spans to ``path`` as JSON lines, rotating by size
+    (:class:`~meshward.rotating_file.RotatingFile`); thread-safe.
 
-    Raises :class:`SpansFileError` at construction when ``path`` cannot be opened. One
-    writer per file: the size is tracked, not re-read.
+    Raises :class:`SpansFileError` at construction when ``path`` cannot be opened.
     """
 
     def __init__(
@@ -124,26 +124,15 @@ class SpansFileWriter:
         if backups < 0:
             raise SpansFileError(f"--backups must be 0 or more, not {backups}")
         self.path = os.fspath(path)
-        self.max_bytes = max_bytes
-        self.backups = backups
         self._lock = threading.Lock()
-        self._size = 0
-        self._rotates = True
         self._closed = False
         try:
-            self._fd: int | None = self._open()
+            self._file = RotatingFile(self.path, max_bytes, backups)
         except OSError as error:
             raise SpansFileError(
                 f"cannot write the spans file {self.path}: {error.strerror or error}; "
                 "choose a writable file in an existing directory (--spans-file PATH)"
             ) from error
-
-    def _open(self) -> int:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        info = os.fstat(fd)
-        self._size = info.st_size
-        self._rotates = stat.S_ISREG(info.st_mode)  # /dev/stdout or a FIFO: never renamed
-        return fd
 
     def write(self, spans: Iterable[ReceivedSpan]) -> None:
         """Append ``spans`` (raises :class:`OSError` when the disk refuses them)."""
@@ -151,49 +140,17 @@ class SpansFileWriter:
         with self._lock:
             if self._closed:
                 raise OSError(f"the spans file {self.path} is closed")
-            chunk: list[bytes] = []
-            pending = 0
-            for line in lines:
-                total = self._size + pending
-                if self._rotates and total > 0 and total + len(line) > self.max_bytes:
-                    self._write(b"".join(chunk))
-                    chunk, pending = [], 0
-                    self._rotate()
-                chunk.append(line)
-                pending += len(line)
-            self._write(b"".join(chunk))
-
-    def _write(self, data: bytes) -> None:
-        if not data:
-            return
-        if self._fd is None:  # an earlier rotation failed to reopen: try again
-            self._fd = self._open()
-        view = memoryview(data)
-        while view:
-            count = os.write(self._fd, view)
-            view = view[count:]
-            self._size += count
-
-    def _rotate(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self.backups == 0:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-        else:
-            for index in range(self.backups - 1, 0, -1):
-                with contextlib.suppress(FileNotFoundError):
-                    os.replace(f"{self.path}.{index}", f"{self.path}.{index + 1}")
-            os.replace(self.path, f"{self.path}.1")
-        self._fd = self._open()
+            if not lines:
+                return
+            try:
+                self._file.write(lines)
+            except LinesNotWrittenError as failure:
+                raise failure.error from failure
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            self._file.close()
 
 
 def generations(path: Path) -> list[Path]:
