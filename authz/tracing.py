@@ -158,14 +158,6 @@ def _as_context(parent: SpanContext | None) -> Context:
     return trace.set_span_in_context(NonRecordingSpan(parent), Context())
 
 
-def parent_context(
-    metadata: Iterable[tuple[str, Any]] | None, headers: Mapping[str, str]
-) -> tuple[Context, str]:
-    """The decision span's parent context and where it came from (``PARENT_*``)."""
-    parent, source = _parent(metadata, headers)
-    return _as_context(parent), source
-
-
 # -- the span -----------------------------------------------------------------------------
 
 
@@ -389,28 +381,6 @@ def _lean_capable(tracer: trace.Tracer) -> bool:
         return False
     metrics = getattr(tracer, "_tracer_metrics", None)
     return metrics is None or type(metrics).__name__ == "NoOpTracerMetrics"
-
-
-def record_check_span(
-    tracer: trace.Tracer,
-    decision: Decision,
-    request: AuthzRequest | None,
-    metadata: Iterable[tuple[str, Any]] | None,
-    *,
-    start_ns: int,
-    end_ns: int,
-    internal_error: bool = False,
-) -> str:
-    """Emit one decision span (already finished); its trace id as hex. Serving code
-    keeps one :class:`DecisionSpans` instead of calling this."""
-    return DecisionSpans(tracer).record(
-        decision,
-        request,
-        metadata,
-        start_ns=start_ns,
-        end_ns=end_ns,
-        internal_error=internal_error,
-    )
 
 
 def trace_id_hex(span_context: SpanContext) -> str:
