@@ -58,7 +58,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import string
 import subprocess
@@ -76,6 +75,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.authz_bench import _otlp_sink
+from bench.authz_scaleout_bench import _wait_http, free_port
 from meshward.envoy_binary import EnvoyNotFoundError, find_envoy
 
 HERE = Path(__file__).resolve().parent
@@ -101,26 +101,6 @@ TOOLS = {
     "h2load": "apt-get install -y nghttp2-client",
     "taskset": "apt-get install -y util-linux",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_http(url: str, expect: bytes | None, timeout: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if expect is None or response.read().strip() == expect:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-    raise SystemExit(f"{what} did not become ready ({url}); see {log}:\n{tail}")
 
 
 # == the workload =======================================================================
