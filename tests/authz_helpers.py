@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from envoy.service.auth.v3 import external_auth_pb2
@@ -245,3 +247,12 @@ DECISION_LOG_KEYS = {
     "audit",
     "audit_outcome",
 }
+
+
+def demo_policy_dir(directory: Path, key: SigningKey) -> Path:
+    """The repository's demo policy copied into ``directory``, its JWKS holding ``key``
+    (so tests sign tokens the policy accepts)."""
+    (directory / "keys").mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parents[1] / "policies" / "mesh.yaml", directory)
+    (directory / "keys" / "demo-jwks.json").write_text(json.dumps(jwks(key)))
+    return directory

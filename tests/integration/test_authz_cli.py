@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import shutil
 import signal
 import stat
 import subprocess
@@ -35,11 +34,7 @@ def key() -> testing.SigningKey:
 
 @pytest.fixture
 def policy_dir(tmp_path: Path, key: testing.SigningKey) -> Path:
-    directory = tmp_path / "policies"
-    (directory / "keys").mkdir(parents=True)
-    shutil.copy(REPO / "policies" / "mesh.yaml", directory / "mesh.yaml")
-    (directory / "keys" / "demo-jwks.json").write_text(json.dumps(testing.jwks(key)))
-    return directory
+    return testing.demo_policy_dir(tmp_path / "policies", key)
 
 
 class Process:

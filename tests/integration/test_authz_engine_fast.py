@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import queue
-import shutil
 import signal
 import socket
 import subprocess
@@ -473,11 +472,7 @@ def test_auto_falls_back_to_stock_with_one_log_line(
 
 @pytest.fixture
 def policy_dir(tmp_path: Path, key: testing.SigningKey) -> Path:
-    directory = tmp_path / "policies"
-    (directory / "keys").mkdir(parents=True)
-    shutil.copy(REPO / "policies" / "mesh.yaml", directory / "mesh.yaml")
-    (directory / "keys" / "demo-jwks.json").write_text(json.dumps(testing.jwks(key)))
-    return directory
+    return testing.demo_policy_dir(tmp_path / "policies", key)
 
 
 def authz_process(policy_dir: Path, *flags: str, env: dict[str, str] | None = None) -> Any:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -37,11 +36,7 @@ def key() -> testing.SigningKey:
 
 @pytest.fixture
 def policy_dir(tmp_path: Path, key: testing.SigningKey) -> Path:
-    directory = tmp_path / "policies"
-    (directory / "keys").mkdir(parents=True)
-    shutil.copy(REPO / "policies" / "mesh.yaml", directory / "mesh.yaml")
-    (directory / "keys" / "demo-jwks.json").write_text(json.dumps(testing.jwks(key)))
-    return directory
+    return testing.demo_policy_dir(tmp_path / "policies", key)
 
 
 class Authz:
