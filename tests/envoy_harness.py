@@ -15,10 +15,17 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from meshward.envoy_binary import find_envoy
+
+_Servicer = TypeVar("_Servicer", bound=external_auth_pb2_grpc.AuthorizationServicer)
 
 
 def free_port() -> int:
@@ -231,3 +238,16 @@ def start_envoy(
     envoy = EnvoyProcess(bootstrap, 0)
     envoy.start()
     return envoy
+
+
+@asynccontextmanager
+async def authz_server(servicer: _Servicer, port: int) -> AsyncIterator[_Servicer]:
+    """Serve ``servicer`` (a stand-in ext_authz service) on 127.0.0.1:``port``."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
+    assert server.add_insecure_port(f"127.0.0.1:{port}") == port
+    await server.start()
+    try:
+        yield servicer
+    finally:
+        await server.stop(0.2)

@@ -12,21 +12,19 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import status_pb2
 
 from meshward import route_context
 from meshward.policy.model import Endpoint, Gateway, Policy, Route, RouteMatch, Service
-from tests.envoy_harness import EnvoyProcess, free_port, http_request
+from tests.envoy_harness import EnvoyProcess, authz_server, free_port, http_request
 from xds_server.bootstrap import render_bootstrap
 from xds_server.service import XdsService
 from xds_server.translator import EXT_AUTHZ_FILTER
@@ -82,19 +80,6 @@ class AllowAllAuthz(external_auth_pb2_grpc.AuthorizationServicer):  # type: igno
     ) -> external_auth_pb2.CheckResponse:
         self.contexts.append(dict(request.attributes.context_extensions))
         return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=0))
-
-
-@asynccontextmanager
-async def authz_server(port: int) -> AsyncIterator[AllowAllAuthz]:
-    servicer = AllowAllAuthz()
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
-    assert server.add_insecure_port(f"127.0.0.1:{port}") == port
-    await server.start()
-    try:
-        yield servicer
-    finally:
-        await server.stop(0.2)
 
 
 def make_policy(
@@ -252,7 +237,7 @@ def test_envoy_gets_acks_and_fails_closed_without_authz(tmp_path: Path) -> None:
 
 def test_authz_sees_route_context_and_policy_updates_are_applied(tmp_path: Path) -> None:
     async def test(mesh: Mesh) -> None:
-        async with authz_server(mesh.authz_port) as authz:
+        async with authz_server(AllowAllAuthz(), mesh.authz_port) as authz:
             # Envoy reconnects to the authz cluster on the next request.
             status = 0
             for _ in range(50):

@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import status_pb2
@@ -36,6 +34,7 @@ from tests.envoy_harness import (
     EnvoyProcess,
     active_clusters,
     active_listeners,
+    authz_server,
     free_port,
     http_request,
 )
@@ -96,19 +95,6 @@ class RecordingAuthz(external_auth_pb2_grpc.AuthorizationServicer):  # type: ign
     ) -> external_auth_pb2.CheckResponse:
         self.metadata.append({k: str(v) for k, v in context.invocation_metadata()})
         return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=0))
-
-
-@asynccontextmanager
-async def authz_server(port: int) -> AsyncIterator[RecordingAuthz]:
-    servicer = RecordingAuthz()
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
-    assert server.add_insecure_port(f"127.0.0.1:{port}") == port
-    await server.start()
-    try:
-        yield servicer
-    finally:
-        await server.stop(0.2)
 
 
 def traced_policy(upstream_port: int, listener_port: int, tracing: Tracing | None) -> Policy:
@@ -186,7 +172,7 @@ def run_stack(
             traced_policy(upstream.port, listener_port, tracing), [("127.0.0.1", authz_port)]
         )
         try:
-            async with authz_server(authz_port) as authz:
+            async with authz_server(RecordingAuthz(), authz_port) as authz:
                 xds_port = await service.start()
                 bootstrap = tmp_path / "bootstrap.yaml"
                 bootstrap.write_text(
