@@ -92,18 +92,27 @@ def _stop(process: subprocess.Popen[str], sig: int = signal.SIGTERM) -> int:
     return process.returncode
 
 
-@contextmanager
-def receiver(spans_file: Path, port: int) -> Iterator[tuple[subprocess.Popen[str], Lines]]:
-    """`meshward otlp-receiver` as a real process, SERVING on gRPC health before use."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "meshward", "otlp-receiver",
-         "--listen", f"127.0.0.1:{port}", "--spans-file", str(spans_file)],
-        env=ENV,
+def meshward_process(
+    *args: str, env: dict[str, str] = ENV, cwd: Path | None = None
+) -> subprocess.Popen[str]:
+    """``meshward ARGS`` as a real process, stdout and stderr merged for :class:`Lines`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "meshward", *args],
+        cwd=cwd,
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-    )  # fmt: skip
+    )
+
+
+@contextmanager
+def receiver(spans_file: Path, port: int) -> Iterator[tuple[subprocess.Popen[str], Lines]]:
+    """`meshward otlp-receiver` as a real process, SERVING on gRPC health before use."""
+    process = meshward_process(
+        "otlp-receiver", "--listen", f"127.0.0.1:{port}", "--spans-file", str(spans_file)
+    )
     out = Lines(process)
     try:
         assert wait_until(lambda: _serving(port), timeout=15), out.text()
@@ -201,15 +210,9 @@ def test_follow_prints_each_new_trace_once_complete(tmp_path: Path) -> None:
     with receiver(spans, port):
         export_request_trace(port, "before")  # history: --last 0 shows none of it
         assert wait_until(lambda: spans.read_text().count("\n") == 4, timeout=10)
-        follow = subprocess.Popen(
-            [sys.executable, "-m", "meshward", "traces", "-f", "--last", "0",
-             "--quiet-seconds", "0.3", "--spans-file", str(spans)],
-            env=ENV,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
+        follow = meshward_process(
+            "traces", "-f", "--last", "0", "--quiet-seconds", "0.3", "--spans-file", str(spans)
+        )
         out = Lines(follow)
         try:
             # Spans written from here on are new to it (like tail -f).
@@ -272,16 +275,10 @@ def test_meshward_up_runs_the_receiver_and_prints_span_trees(tmp_path: Path) -> 
     text = VALID_POLICY + f"tracing:\n  collector:\n    address: 127.0.0.1\n    port: {collector}\n"
     policy_dir = write_policy(tmp_path / "policies", text, keys=keys, **ports)
     state = tmp_path / "state"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "meshward", "up", "--traces",
-         "--policy", str(policy_dir), "--state-dir", str(state),
-         "--bootstrap-template", str(ROOT / "envoy" / "bootstrap.yaml")],
-        cwd=tmp_path,
-        env=dict(ENV, OTEL_BSP_SCHEDULE_DELAY="100"),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    process = meshward_process(
+        "up", "--traces", "--policy", str(policy_dir), "--state-dir", str(state),
+        "--bootstrap-template", str(ROOT / "envoy" / "bootstrap.yaml"),
+        cwd=tmp_path, env=dict(ENV, OTEL_BSP_SCHEDULE_DELAY="100"),
     )  # fmt: skip
     out = Lines(process)
     try:
