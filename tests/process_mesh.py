@@ -22,7 +22,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,15 +51,7 @@ class ProcessMesh:
     envoys: dict[str, EnvoyProcess] = field(default_factory=dict)
 
     def _spawn(self, name: str, args: list[str]) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        log = (self.work / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "meshward", *args],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+        self.procs[name] = spawn_meshward(self.work / f"{name}.log", args)
 
     @property
     def ca_dir(self) -> Path:
@@ -174,15 +166,33 @@ class ProcessMesh:
     def stop(self) -> None:
         for envoy in self.envoys.values():
             envoy.stop()
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs.values())
+
+
+def spawn_meshward(log_path: Path, args: list[str]) -> subprocess.Popen[bytes]:
+    """``meshward ARGS`` as a real process, its output appended to ``log_path``."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "meshward", *args],
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every process still running, then wait (SIGKILL after 10 s each)."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def wait_http(url: str, what: str, timeout: float = 20.0) -> None:

@@ -19,10 +19,8 @@ counter (``meshward_authz_decisions_total``):
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -35,7 +33,7 @@ from tests import tokens
 from tests.envoy_harness import EnvoyProcess, free_port, http_request
 from tests.mesh_harness import RecordingUpstream
 from tests.policy_files import new_keys, write_policy
-from tests.process_mesh import Traffic, wait_http, wait_until
+from tests.process_mesh import Traffic, spawn_meshward, stop_processes, wait_http, wait_until
 from xds_server.bootstrap import render_bootstrap
 from xds_server.translator import AUTHZ_CLUSTER
 
@@ -55,15 +53,7 @@ class Mesh:
         self.xds_port = free_port()
 
     def spawn(self, name: str, *args: str) -> None:
-        log = (self.work / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "meshward", *args],
-            env=dict(os.environ, PYTHONPATH=str(ROOT)),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        log.close()
+        self.procs[name] = spawn_meshward(self.work / f"{name}.log", list(args))
 
     def start_xds(self, policy_dir: Path) -> None:
         self.status_ports["xds"] = free_port()
@@ -161,15 +151,7 @@ class Mesh:
     def stop(self) -> None:
         if self.envoy is not None:
             self.envoy.stop()
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs.values())
 
 
 @pytest.fixture
