@@ -47,6 +47,14 @@ Prints a table and the ratios (each engine's meshward against its own baseline, 
 meshward on the fast engine against both baselines and against meshward on stock); it
 asserts nothing about speed.
 
+Where meshward's CPU goes (``--breakdown``): the thread CPU inside the handler
+(:meth:`authz.check.Checker.check`) during the closed-loop windows, the rest of the
+process (engine, gRPC core's threads, span export and decision-log threads), and the
+same handler deciding the same requests in the same process with no gRPC traffic.
+On this project's 2-core VM the handler costs ~1.6-2.5x more CPU while serving than
+alone: the Python decision path is slowed by what runs around it (gRPC core's threads
+on the same core, cache and TLB pressure), not only by its own instructions.
+
     .venv/bin/python bench/authz_bench.py --seconds 3 --rate 1000 --rounds 3
 """
 
@@ -69,6 +77,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -562,6 +571,50 @@ class ServerSpec:
     cpus: set[int] | None
     #: Parts of meshward turned off for a cost breakdown (``--without``): never the default.
     without: frozenset[str] = frozenset()
+    #: Meter the decision handler's own CPU (``--breakdown``; see :class:`_HandlerMeter`).
+    breakdown: bool = False
+
+
+class _HandlerMeter:
+    """``--breakdown``: the thread CPU spent inside :meth:`authz.check.Checker.check`
+    (parse result in, response out: decision, span, decision-log hand-off, metrics), so
+    meshward's CPU per Check splits into its own work and the engine + gRPC around it.
+    The wrapper costs ~1 µs per Check (two clock reads): a breakdown run's throughput
+    is not the figure to quote."""
+
+    def __init__(self) -> None:
+        self.checks = 0
+        self.cpu_ns = 0
+
+    def install(self) -> None:
+        from authz.check import Checker
+
+        check = Checker.check
+        clock = time.thread_time_ns
+
+        def metered(checker: Any, message: Any, metadata: Any = None) -> Any:
+            began = clock()
+            try:
+                return check(checker, message, metadata)
+            finally:
+                self.cpu_ns += clock() - began
+                self.checks += 1
+
+        Checker.check = metered  # type: ignore[method-assign,assignment]
+
+    def alone(self, checker: Any, requests: list[tuple[bytes, Any]], rounds: int = 3) -> float:
+        """CPU µs per Check of ``checker`` deciding ``requests`` in this thread with no
+        gRPC traffic in the process (the fastest of ``rounds`` passes)."""
+        from envoy.service.auth.v3 import external_auth_pb2
+
+        parse = external_auth_pb2.CheckRequest.FromString
+        best = float("inf")
+        for _ in range(rounds):
+            began = time.thread_time_ns()
+            for data, metadata in requests:
+                checker.check(parse(data), metadata)
+            best = min(best, (time.thread_time_ns() - began) / 1e3 / len(requests))
+        return best
 
 
 def _serve(spec: ServerSpec, conn: Connection) -> None:
@@ -635,11 +688,20 @@ def _serve(spec: ServerSpec, conn: Connection) -> None:
         logger.propagate = False
         decision_log = DecisionLog()
         log_mode = "logger"
+    meter = _HandlerMeter()
+    if spec.breakdown:
+        meter.install()
     service = AuthzService(
         policy, tracer, workers=spec.workers, decision_log=decision_log, engine=spec.engine
     )
     conn.send(service.start())
-    conn.recv()
+    breakdown: dict[str, float] = {}
+    while (message := conn.recv()) != "stop":
+        if message == "meter":  # the handler's counters, read at each window's edges
+            conn.send((meter.checks, meter.cpu_ns))
+        elif isinstance(message, tuple) and message[0] == "alone":
+            breakdown["alone_us"] = meter.alone(service._checker, message[1])
+            conn.send(breakdown["alone_us"])
     service.stop(1)
     provider.shutdown()  # flushes the batched spans
     registry = service.registry
@@ -655,6 +717,7 @@ def _serve(spec: ServerSpec, conn: Connection) -> None:
             "decisions": decisions,
             "log_mode": log_mode,
             "log_dropped": getattr(decision_log, "dropped", 0),
+            **breakdown,
         }
     )
 
@@ -788,6 +851,9 @@ class Result:
     cpu_seconds: float
     lag: float = 0.0
     switches: int = 0
+    #: ``--breakdown``: Checks and thread CPU (ns) inside the handler during the window.
+    handler_checks: int = 0
+    handler_cpu_ns: int = 0
 
     @property
     def rate(self) -> float:
@@ -808,7 +874,13 @@ class Result:
         return self.switches / self.checks if self.checks else float("nan")
 
 
-def measure(server_pid: int, port: int, spec: LoadSpec, target: str) -> Result:
+def measure(
+    server_pid: int,
+    port: int,
+    spec: LoadSpec,
+    target: str,
+    meter: Callable[[], tuple[int, int]] | None = None,
+) -> Result:
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
     process = context.Process(target=_load, args=(spec, child), daemon=True)
@@ -816,15 +888,19 @@ def measure(server_pid: int, port: int, spec: LoadSpec, target: str) -> Result:
     if not parent.poll(120) or parent.recv() != "start":
         raise RuntimeError("load generator did not start")
     before, switches = _proc_cpu(server_pid), _proc_switches(server_pid)
+    metered = meter() if meter is not None else (0, 0)
     if not parent.poll(spec.seconds + 60):
         raise RuntimeError("load generator did not finish")
     after, switches = _proc_cpu(server_pid), _proc_switches(server_pid) - switches
+    if meter is not None:
+        checks, cpu_ns = meter()
+        metered = (checks - metered[0], cpu_ns - metered[1])
     out = parent.recv()
     process.join(10)
     latencies = out["latencies"]
     return Result(
         target, spec.mode, len(latencies), out["errors"], spec.seconds, latencies,
-        after - before, out["lag"], switches,
+        after - before, out["lag"], switches, *metered,
     )  # fmt: skip
 
 
@@ -841,6 +917,17 @@ class Server:
         self.port: int = self.conn.recv()
         assert self.process.pid is not None
         self.pid: int = self.process.pid
+
+    def meter(self) -> tuple[int, int]:
+        """The handler's (Checks, CPU ns) so far (a ``--breakdown`` meshward server)."""
+        self.conn.send("meter")
+        checks, cpu_ns = self.conn.recv()
+        return int(checks), int(cpu_ns)
+
+    def alone(self, requests: list[tuple[bytes, Any]]) -> float:
+        """The handler's CPU µs per Check on ``requests`` with no gRPC traffic."""
+        self.conn.send(("alone", requests))
+        return float(self.conn.recv())
 
     def stop(self) -> dict[str, Any]:
         self.conn.send("stop")
@@ -874,6 +961,12 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="cost breakdown only: turn parts of meshward off (comma list of "
         "tracing = no OTLP export, spans = no spans at all, log = no decision log)",
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also meter meshward's handler (Checker.check) CPU per Check while serving, "
+        "and alone in the same process with no gRPC traffic (adds ~1 µs per Check)",
     )
     args = parser.parse_args(argv)
 
@@ -932,7 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
                 ServerSpec(
                     kind, engine, args.workers, str(work.directory),
                     f"http://127.0.0.1:{otlp_port}", str(work_dir / f"decisions-{engine}.log"),
-                    server_cpus, without,
+                    server_cpus, without, args.breakdown and kind == "meshward",
                 )
             )  # fmt: skip
         described = {
@@ -963,8 +1056,19 @@ def main(argv: list[str] | None = None) -> int:
                         server.port, requests, mode, args.concurrency, args.rate,
                         args.warmup, args.seconds, load_cpus,
                     )  # fmt: skip
-                    results.append(measure(server.pid, server.port, spec, target))
+                    metered = args.breakdown and target.startswith("meshward/")
+                    results.append(
+                        measure(
+                            server.pid, server.port, spec, target,
+                            server.meter if metered else None,
+                        )
+                    )  # fmt: skip
         rss = {target: _proc_rss_mb(server.pid) for target, server in servers.items()}
+        alone = {
+            target: server.alone(requests)
+            for target, server in servers.items()
+            if args.breakdown and target.startswith("meshward/")
+        }
         infos = {target: server.stop() for target, server in servers.items()}
         sink_conn.send("stop")
         spans = sink_conn.recv()
@@ -1007,6 +1111,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"{rss[f'baseline/{engine}']:.0f} MB, meshward {rss[f'meshward/{engine}']:.0f} MB"
             )
         print(f"# {spans} spans received by the OTLP sink (all meshward servers)")
+        for target, alone_us in alone.items():
+            engine = target.split("/")[1]
+            closed = [r for r in results if r.target == target and r.mode == "closed"]
+            base = [r for r in results if r.target == f"baseline/{engine}" and r.mode == "closed"]
+            checks = sum(r.handler_checks for r in closed)
+            serving_us = sum(r.handler_cpu_ns for r in closed) / 1e3 / checks if checks else 0.0
+            total_us = statistics.median(r.cpu_us for r in closed)
+            print(
+                f"# breakdown {target} (closed loop, CPU µs per Check): whole process "
+                f"{total_us:.0f} = handler {serving_us:.0f} (Checker.check: decide, respond, "
+                f"span, log hand-off, metrics) + {total_us - serving_us:.0f} engine, gRPC and "
+                f"background threads; the same handler alone in that process (no gRPC "
+                f"traffic) {alone_us:.0f}; do-nothing server, whole process "
+                f"{statistics.median(r.cpu_us for r in base):.0f}"
+            )
         lagging = max((r.lag for r in results if r.mode == "open"), default=0.0)
         if lagging > 0.005:
             print(f"# note: the open-loop sender ran up to {1e3 * lagging:.1f} ms behind schedule")
