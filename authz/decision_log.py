@@ -31,8 +31,10 @@ writes each batch with one ``write``. :meth:`close` flushes what is queued.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import math
 import os
 import queue
 import sys
@@ -96,6 +98,49 @@ def encode_record(fields: dict[str, Any]) -> bytes:
 
 #: One encoder for every line (``json.dumps`` with options builds a new one per call).
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=str, check_circular=False)
+_QUOTE: Callable[[str], str] = json.encoder.encode_basestring_ascii
+
+
+def encode_line(
+    decision: Decision, request: AuthzRequest | None, trace_id: str, ts: float
+) -> bytes:
+    """``encode_record(decision_record(...))`` without the dict: the same bytes (a test
+    holds them equal), at about a third of the cost, for the writer thread, which
+    shares the serving core."""
+    q = _QUOTE
+    if request is not None:
+        method, path, request_id = q(request.method), q(request.path), q(request.request_id)
+    else:
+        method = path = request_id = '""'
+    audit = ",".join(q(a) for a in decision.audit)
+    return (
+        f'{{"decision_id":{q(decision.decision_id)},"ts":{_timestamp(ts)},'
+        f'"subject":{q(decision.subject)},"auth_method":{q(decision.auth_method)},'
+        f'"workload":{q(decision.workload)},"route":{q(decision.route)},'
+        f'"service":{q(decision.service)},"gateway":{q(decision.gateway)},'
+        f'"method":{method},"path":{path},"request_id":{request_id},'
+        f'"decision":{_ALLOW if decision.allowed else _DENY},'
+        f'"reason":{q(decision.reason)},"status":{int(decision.http_status)},'
+        f'"matched_rule":{q(decision.matched_rule)},"audit":[{audit}],'
+        f'"audit_outcome":{q(decision.audit_outcome)},'
+        f'"policy_version":{q(decision.policy_version)},'
+        f'"proxy_policy_version":{q(decision.proxy_policy_version)},'
+        f'"trace_id":{q(trace_id)}}}\n'
+    ).encode()
+
+
+_ALLOW, _DENY = '"allow"', '"deny"'
+
+
+@functools.lru_cache(maxsize=4)
+def _second(second: int) -> str:
+    """One second's formatted prefix (records of one second share it)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+def _timestamp(ts: float) -> str:
+    """``decision_record``'s ``ts``, quoted: RFC 3339 UTC with milliseconds."""
+    return f'"{_second(math.floor(ts))}.{int(ts * 1000) % 1000:03d}Z"'
 
 
 class _ByteStream(Protocol):
@@ -185,12 +230,11 @@ class DecisionLog:
         if self._closed:
             self.dropped += 1
         elif self._queue is None:
-            fields = decision_record(decision, request, trace_id, ts)
             if self._sink is None:
-                self._emit(fields)
+                self._emit(decision_record(decision, request, trace_id, ts))
             else:
                 with self._sync_lock:
-                    self._write_batch([fields])
+                    self._write_batch([(decision, request, trace_id, ts)])
         elif self._queue.qsize() < self._max_pending:
             # The inputs are immutable: the writer thread builds the record, off the
             # Check's CPU budget (building it here cost ~15 µs per Check in the server).
@@ -228,7 +272,7 @@ class DecisionLog:
                 batch.append(pending.get())
             stop = any(item is _STOP for item in batch)
             try:
-                self._write_batch([decision_record(*item) for item in batch if item is not _STOP])
+                self._write_batch([item for item in batch if item is not _STOP])
             except Exception:  # a broken handler must not kill the writer
                 _log.exception("decision log write failed")
             if stop:
@@ -239,14 +283,15 @@ class DecisionLog:
     #: Seconds the writer waits after the first queued record before writing the batch.
     BATCH_WAIT = 0.01
 
-    def _write_batch(self, items: list[dict[str, Any]]) -> None:
+    def _write_batch(self, items: list[tuple[Decision, AuthzRequest | None, str, float]]) -> None:
+        """Write ``items`` (:meth:`record`'s arguments): one line each."""
         if not items:
             return
         if self._sink is None:
-            self._log_batch(items)
+            self._log_batch([decision_record(*item) for item in items])
             return
         try:
-            self._sink.write([encode_record(fields) for fields in items])
+            self._sink.write([encode_line(*item) for item in items])
         except LinesNotWrittenError as failure:
             self.failed += failure.unwritten
             if not self._failure_logged:

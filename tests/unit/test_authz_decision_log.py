@@ -17,9 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from authz.decision import Decision
-from authz.decision_log import DecisionLog, DecisionLogError, DecisionLogFollower
+from authz.decision_log import (
+    DecisionLog,
+    DecisionLogError,
+    DecisionLogFollower,
+    decision_record,
+    encode_line,
+    encode_record,
+)
 from authz.request import AuthzRequest
 from meshward.logs import JsonFormatter
 from tests import authz_helpers as testing
@@ -448,3 +457,40 @@ def test_follower_waits_for_the_file_to_appear(tmp_path: Path) -> None:
         f.write(b"2}\n")
     follower.poll()
     assert seen == ['{"a":1}', '{"b":2}']
+
+
+_TEXT = st.text(st.characters(codec="utf-8"), max_size=12)  # any code point, controls too
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    decision=st.builds(
+        Decision,
+        allowed=st.booleans(),
+        http_status=st.sampled_from((200, 401, 403, 500, 503)),
+        reason=_TEXT,
+        decision_id=_TEXT,
+        subject=_TEXT,
+        auth_method=_TEXT,
+        workload=_TEXT,
+        route=_TEXT,
+        service=_TEXT,
+        gateway=_TEXT,
+        policy_version=_TEXT,
+        proxy_policy_version=_TEXT,
+        matched_rule=_TEXT,
+        audit=st.lists(_TEXT, max_size=3).map(tuple),
+        audit_outcome=_TEXT,
+    ),
+    request=st.none() | st.builds(AuthzRequest.of, _TEXT, _TEXT),
+    trace_id=_TEXT,
+    ts=st.floats(min_value=-86_400 * 365, max_value=4e9, allow_nan=False),
+)
+def test_the_direct_line_encoder_writes_the_same_bytes_as_the_record_encoder(
+    decision: Decision, request: AuthzRequest | None, trace_id: str, ts: float
+) -> None:
+    # The writer thread formats lines with encode_line; the dict + JSON encoder path
+    # (decision_record, encode_record) is the definition it must match byte for byte.
+    assert encode_line(decision, request, trace_id, ts) == encode_record(
+        decision_record(decision, request, trace_id, ts)
+    )
