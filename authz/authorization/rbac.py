@@ -102,18 +102,24 @@ class _Query:
     service: str
     headers: Mapping[str, str]
     source_ip: str
+    #: The path's first segment, for :attr:`_Rule.path_heads`; None when the path is
+    #: not plain (a deny's wildcard matches it whatever its head) or not absolute.
+    head: str | None
 
     @classmethod
     def of(cls, request: AuthzRequest) -> _Query:
+        path = request.path
+        plain = is_plain_path(path)
         return cls(
             request.method,
-            request.path,
-            is_plain_path(request.path),
+            path,
+            plain,
             request_host(request.host) if request.host else "",
             request.destination_port,
             request.service,
             request.headers,
             request.source_ip,
+            path[1:].partition("/")[0] if plain and path.startswith("/") else None,
         )
 
 
@@ -196,6 +202,10 @@ class _Rule:
     not_source_ips: CidrSet | None
     claims: tuple[tuple[str, frozenset[str]], ...]
     matches: tuple[RuleMatch, ...] = field(default=())
+    #: First path segments every path the rule's permissions match starts with (None:
+    #: some pattern matches paths of any first segment): a cheap reject before
+    #: :meth:`applies` (see :func:`_path_heads`).
+    path_heads: frozenset[str] | None = None
 
     def applies(self, q: _Query, user: Identity | None) -> RuleMatch | None:
         """The matching permission's :class:`RuleMatch` if conditions hold, else None."""
@@ -214,6 +224,27 @@ class _Rule:
             if permission.matches(q, deny):
                 return self.matches[i]
         return None
+
+
+def _path_heads(patterns: Iterable[tuple[str, ...]]) -> frozenset[str] | None:
+    """The first segments of every plain path that one of the permissions' ``patterns``
+    can match, or None when one can match any first segment.
+
+    Exact ``/a/b`` and templates ``/a/{*}`` fix the head (``a``); a prefix does when
+    its literal part ends the head with ``/`` (``/a/*``, not ``/a*``); ``*``, suffix
+    patterns and a template or prefix starting at the first segment do not.
+    """
+    heads: set[str] = set()
+    for paths in patterns:
+        for pattern in paths:
+            if not pattern.startswith("/"):
+                return None  # "*" and "*suffix"
+            literal = pattern[:-1] if pattern.endswith("*") and "{" not in pattern else pattern
+            head, slash, _ = literal[1:].partition("/")
+            if "{" in head or (literal is not pattern and not slash):
+                return None  # "/{**}", "/{*}/x", "/*", "/a*"
+            heads.add(head)
+    return frozenset(heads)
 
 
 def _claims_hold(conditions: tuple[tuple[str, frozenset[str]], ...], user: Identity | None) -> bool:
@@ -411,6 +442,7 @@ class RbacIndex:
                     RuleMatch(binding.name, role.name, i, binding.effect, binding.mode)
                     for i in range(len(role.permissions))
                 ),
+                path_heads=_path_heads(p.paths for p in role.permissions),
             )
             groups[(binding.effect, binding.mode)].append(rule)
             self._rules[binding.name] = rule
@@ -566,6 +598,9 @@ def _scan(
             break  # in policy order: nothing better in this list
         if orders is not None and rule.order not in orders:
             continue
+        heads = rule.path_heads
+        if heads is not None and q.head is not None and q.head not in heads:
+            continue  # no permission of the rule matches a path under this head
         found = rule.applies(q, user)
         if found is not None:
             return rule.order, found

@@ -7,10 +7,12 @@ import pytest
 from authz.authorization.rbac import (
     RbacIndex,
     RuleMatch,
+    _path_heads,
     is_plain_path,
     workload_pattern_matches,
 )
 from authz.identity.base import Identities, Identity
+from authz.request import AuthzRequest
 from meshward.policy.model import Binding, Permission, Policy, Role
 
 
@@ -296,3 +298,56 @@ def test_workload_lookups_are_cached_and_bounded() -> None:
             assert rbac.match(workload(spiffe_id), "GET", "/", "s") == RuleMatch("b", "any", 0)
     assert rbac.workload_match(ids[0]) is rbac.workload_match(ids[0])
     assert rbac.match(workload(f"{TD}/ns/n1/sa/catalog"), "GET", "/", "s") is None
+
+
+@pytest.mark.parametrize(
+    ("patterns", "heads"),
+    [
+        ((("/orders", "/orders/*"),), {"orders"}),
+        ((("/a/b",), ("/c/{*}", "/d/{**}")), {"a", "c", "d"}),
+        ((("/",),), {""}),
+        ((("/a/*",), ("*",)), None),  # one permission open to any path: no pruning
+        ((("*.json",),), None),
+        ((("/a*",),), None),  # the head may be "a", "ab", ...
+        ((("/*",),), None),
+        ((("/{**}",),), None),
+        ((("/{*}/x",),), None),
+        ((), set()),
+    ],
+)
+def test_path_heads_name_every_first_segment_a_rule_can_match(
+    patterns: tuple[tuple[str, ...], ...], heads: set[str] | None
+) -> None:
+    got = _path_heads(patterns)
+    assert got == (frozenset(heads) if heads is not None else None)
+
+
+def test_a_rule_is_skipped_only_for_paths_outside_its_heads() -> None:
+    # The reject is a shortcut: the same requests decide the same with and without it
+    # (the oracle property test covers the rest); these pin the edge cases.
+    policy = Policy(
+        roles=(
+            Role("orders", (Permission(paths=("/orders/*",)),)),
+            Role("deny-admin", (Permission(paths=("/admin/*",)),)),
+        ),
+        bindings=(
+            Binding("ops", "orders", subjects=("alice",)),
+            Binding("no-admin", "deny-admin", effect="deny", subjects=("alice",)),
+        ),
+    )
+    index = RbacIndex(policy)
+    alice = Identities(None, Identity("alice"))
+
+    def evaluate(path: str) -> tuple[str | None, str | None]:
+        evaluation = index.evaluate(alice, AuthzRequest.of("GET", path))
+        return (
+            evaluation.deny.binding if evaluation.deny else None,
+            evaluation.allow.binding if evaluation.allow else None,
+        )
+
+    assert evaluate("/orders/1") == (None, "ops")
+    assert evaluate("/catalog/1") == (None, None)  # pruned: head "catalog"
+    assert evaluate("/admin/x") == ("no-admin", None)
+    # Not plain: no head, so no pruning; the deny's wildcard matches it, failing closed.
+    assert evaluate("/orders/../admin/x") == ("no-admin", None)
+    assert evaluate("orders/1") == (None, None)  # not absolute: no head, no match
