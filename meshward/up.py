@@ -546,7 +546,33 @@ def _wait_ready(
                 time.sleep(0.1)
         else:
             return False
+    # Listening is not deciding: until the xDS server has pushed the authz replicas as
+    # endpoints (after each one ACKed its policy and SVID), Envoy fails every request
+    # closed. Ready means each Envoy's authz cluster has an endpoint.
+    for group in policy.node_groups():
+        url = f"http://127.0.0.1:{ports.admin[group]}/clusters"
+        while not _authz_endpoints(url):
+            if time.monotonic() >= deadline:
+                say.event(f"envoy-{group} has no authz endpoint yet")
+                return False
+            time.sleep(0.1)
     return True
+
+
+def _authz_endpoints(clusters_url: str) -> int:
+    """Endpoints of the authz cluster an Envoy lists on its admin ``/clusters`` page
+    (0 when it cannot be read)."""
+    from xds_server.translator import AUTHZ_CLUSTER
+
+    try:
+        with urllib.request.urlopen(clusters_url, timeout=1) as resp:  # noqa: S310 - loopback
+            text = resp.read().decode()
+    except (urllib.error.URLError, OSError):
+        return 0
+    prefix = f"{AUTHZ_CLUSTER}::"
+    return sum(
+        1 for line in text.splitlines() if line.startswith(prefix) and "::health_flags::" in line
+    )
 
 
 def gateway_url(gw: Gateway) -> str:
