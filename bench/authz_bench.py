@@ -51,7 +51,7 @@ Where meshward's CPU goes (``--breakdown``): the thread CPU inside the handler
 (:meth:`authz.check.Checker.check`) during the closed-loop windows, the rest of the
 process (engine, gRPC core's threads, span export and decision-log threads), and the
 same handler deciding the same requests in the same process with no gRPC traffic.
-On this project's 2-core VM the handler costs 1.6-2.7x more CPU while serving than
+On this project's 2-core VM the handler costs 1.3-2.7x more CPU while serving than
 alone: the Python decision path is slowed by what runs around it, not only by its own
 instructions (moving gRPC core's threads to the other core removed the preemptions
 but not the slowdown, so shared caches are the likely rest).
