@@ -12,7 +12,12 @@ on method + path by the token's ``groups``; DELETE granted to nobody) four ways:
     DIR --engine stock|fast`` wired as meshward's translator does
     (``bench/envoy_ext_authz.yaml``), with span export (OTLP/gRPC, every Check traced:
     Envoy samples 100 % and sends a sampled ``traceparent`` in the Check's gRPC
-    metadata) and the decision log to a file on.
+    metadata) and the decision log to a file on;
+(e) **ceiling** — the same Envoy config as (c)/(d), its ext_authz pointed at a
+    do-nothing Check server on the fast engine (``bench/authz_bench.py``'s baseline:
+    answers OK without reading the request; it enforces nothing). What Envoy's own
+    ext_authz path allows with an authz that costs nothing: no ext_authz service can
+    make (d) faster than (e) on this machine.
 
 Every variant's Envoy traces every request (OpenTelemetry tracer, 100 % sampled, spans in
 batches of up to 512 to the same OTLP sink process, which counts and drops them), so the
@@ -40,8 +45,9 @@ place them). With 3+ CPUs authz gets a CPU of its own.
 
 Prints a table (req/s, p50, p99; the CPU µs per request of Envoy, authz and wrk; how busy
 each CPU was, with every process on it, ours or not: this machine may be shared; the
-status mix), the p99 at the fixed load, what authz traced and logged, and, as the last
-line, ``fast/native: X.XX`` (req/s of (d) / (b)). It asserts nothing about speed.
+status mix), the p99 at the fixed load, what authz traced and logged,
+``ceiling/native: X.XX`` (req/s of (e) / (b)) and, as the last line, ``fast/native:
+X.XX`` (req/s of (d) / (b)). It asserts nothing about speed.
 
     .venv/bin/python bench/envoy_bench.py --seconds 5 --rounds 3
 """
@@ -74,7 +80,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.authz_bench import _otlp_sink
+from bench.authz_bench import Server, ServerSpec, _otlp_sink
 from bench.authz_scaleout_bench import _wait_http, free_port
 from meshward.envoy_binary import EnvoyNotFoundError, find_envoy
 
@@ -85,13 +91,21 @@ AUDIENCE = "meshward-bench"
 KID = "bench-sso-1"
 
 NONE, NATIVE, STOCK, FAST = "none", "native", "meshward stock", "meshward fast"
-VARIANTS = (NONE, NATIVE, STOCK, FAST)
-LABELS = {NONE: "(a) none", NATIVE: "(b) native", STOCK: "(c) stock", FAST: "(d) fast"}
+CEILING = "ext_authz ceiling"
+VARIANTS = (NONE, NATIVE, STOCK, FAST, CEILING)
+LABELS = {
+    NONE: "(a) none",
+    NATIVE: "(b) native",
+    STOCK: "(c) stock",
+    FAST: "(d) fast",
+    CEILING: "(e) ceiling",
+}
 TEMPLATES = {
     NONE: HERE / "envoy_plain.yaml",
     NATIVE: HERE / "envoy_native.yaml",
     STOCK: HERE / "envoy_ext_authz.yaml",
     FAST: HERE / "envoy_ext_authz.yaml",
+    CEILING: HERE / "envoy_ext_authz.yaml",
 }
 ENGINES = {STOCK: "stock", FAST: "fast"}
 ENFORCING = (NATIVE, STOCK, FAST)
@@ -566,6 +580,8 @@ class Bench:
     script: Path
     authz: dict[str, Authz]
     ports: dict[str, int]
+    #: (e)'s do-nothing Check server.
+    ceiling: Server
     runs: dict[str, list[Run]] = field(default_factory=lambda: {v: [] for v in VARIANTS})
     fixed: dict[str, list[Run]] = field(default_factory=lambda: {NATIVE: [], FAST: []})
     answers: dict[str, list[int]] = field(default_factory=dict)
@@ -587,6 +603,8 @@ class Bench:
             pids = [envoy.pid]
             if variant in self.authz:
                 pids.append(self.authz[variant].process.pid)
+            elif variant == CEILING:
+                pids.append(self.ceiling.pid)
             before = [cpu_seconds(pid) for pid in pids]
             machine = cpu_times()
             run = run_wrk(envoy.url, self.script, args.seconds, args.connections, self.where)
@@ -630,8 +648,12 @@ class Bench:
                     f"{LABELS[variant]} does not enforce the policy on {len(wrong)} of "
                     f"{len(requests)} requests: {sample}"
                 )
-        if any(s != 200 for s in self.answers[NONE]):
-            warn(f"(a) none did not answer 200 to every request: {Counter(self.answers[NONE])}")
+        for variant in (NONE, CEILING):
+            if any(s != 200 for s in self.answers[variant]):
+                warn(
+                    f"{LABELS[variant]} did not answer 200 to every request: "
+                    f"{Counter(self.answers[variant])}"
+                )
         if agree:
             print(
                 f"# (b), (c), (d) agree with the policy on all {len(requests)} distinct "
@@ -673,7 +695,8 @@ class Bench:
             authz_us = statistics.median(r.authz_us for r in rs)
             wrk_us = statistics.median(r.wrk_us for r in rs)
             busy = sorted(rs, key=lambda r: r.rate)[len(rs) // 2].busy
-            authz_text = f"{authz_us:>6.0f}" if variant in self.authz else f"{'-':>6}"
+            measured = variant in self.authz or variant == CEILING
+            authz_text = f"{authz_us:>6.0f}" if measured else f"{'-':>6}"
             errors = sum(r.errors for r in rs)
             extra = f"  socket errors {errors}" if errors else ""
             print(
@@ -737,7 +760,8 @@ def print_header(bench: Bench) -> None:
         "# every variant's Envoy traces every request (OpenTelemetry, 100 % sampled, "
         "batches of 512 to an OTLP sink); (c)/(d) also export authz's decision span for "
         "every Check and write the decision log to a file; (b) native: jwt_authn "
-        "(token cache on) + rbac, no access log",
+        "(token cache on) + rbac, no access log; (e) ceiling: (c)/(d)'s Envoy config "
+        "with ext_authz to a do-nothing Check server (fast engine, enforces nothing)",
         flush=True,
     )
     print(
@@ -784,6 +808,7 @@ def main(argv: list[str] | None = None) -> int:
     sink_conn, sink_child = context.Pipe()
     sink = context.Process(target=_sink, args=(sink_child, load_cpus), daemon=True)
     authz: dict[str, Authz] = {}
+    ceiling: Server | None = None
     try:
         workload = build_workload(work / "policy", random.Random(args.seed))
         script = work / "requests.lua"
@@ -798,7 +823,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"meshward authz --engine {process.engine}", process.log,
             )  # fmt: skip
             ports[variant] = process.port
-        bench = Bench(args, work, where, workload, script, authz, ports)
+        authz_cpus = {int(c) for c in where.authz.split(",")} if where.authz else None
+        ceiling = Server(ServerSpec("baseline", "fast", 1, "", "", "", authz_cpus))
+        ports[CEILING] = ceiling.port
+        bench = Bench(args, work, where, workload, script, authz, ports, ceiling)
         print_header(bench)
         for _ in range(args.rounds):
             for variant in VARIANTS:
@@ -814,6 +842,7 @@ def main(argv: list[str] | None = None) -> int:
             f"the end {os.getloadavg()[0]:.2f}",
             flush=True,
         )
+        print(f"ceiling/native: {rate[CEILING] / rate[NATIVE]:.2f}", flush=True)
         print(f"fast/native: {rate[FAST] / rate[NATIVE]:.2f}", flush=True)
     except KeyboardInterrupt:
         print("# interrupted", file=sys.stderr)
@@ -824,6 +853,8 @@ def main(argv: list[str] | None = None) -> int:
                 process.process.terminate()
         for process in authz.values():
             _stop(process.process)
+        if ceiling is not None and ceiling.process.is_alive():
+            ceiling.stop()
         if sink.is_alive():
             try:
                 sink_conn.send("stop")
