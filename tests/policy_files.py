@@ -6,7 +6,11 @@ import json
 import textwrap
 from pathlib import Path
 
+import pytest
 from joserfc.jwk import ECKey, RSAKey
+
+from meshward.policy.errors import PolicyError
+from meshward.policy.loader import load_policy
 
 VALID_POLICY = """\
 services:
@@ -81,3 +85,18 @@ def write_policy(
     (directory / "mesh.yaml").write_text(textwrap.dedent(text).format(**values))
     write_jwks(directory / "keys" / "jwks.json", *(keys or new_keys()))
     return directory
+
+
+def policy_errors(directory: Path) -> list[str]:
+    """The issues loading the policy in ``directory`` reports (loading must fail)."""
+    with pytest.raises(PolicyError) as info:
+        load_policy(directory)
+    return [str(i) for i in info.value.issues]
+
+
+def line_of(text: str, needle: str) -> int:
+    """1-based number of the first line of ``text`` containing ``needle``."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if needle in line:
+            return number
+    raise AssertionError(f"{needle!r} not in text")

@@ -9,26 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from meshward.policy.errors import PolicyError
 from meshward.policy.loader import load_policy
 from meshward.policy.model import Policy, Tracing
-from tests.policy_files import VALID_POLICY, new_keys, write_jwks, write_policy
+from tests.policy_files import (
+    VALID_POLICY,
+    line_of,
+    new_keys,
+    policy_errors,
+    write_jwks,
+    write_policy,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def errors_of(directory: Path) -> list[str]:
-    with pytest.raises(PolicyError) as info:
-        load_policy(directory)
-    return [str(i) for i in info.value.issues]
-
-
-def line_of(text: str, needle: str) -> int:
-    """1-based line number of the first line containing ``needle``."""
-    for number, line in enumerate(text.splitlines(), start=1):
-        if needle in line:
-            return number
-    raise AssertionError(f"{needle!r} not in text")
 
 
 def test_valid_policy_loads_into_typed_objects(tmp_path: Path) -> None:
@@ -91,7 +83,7 @@ def test_files_in_a_directory_merge_and_names_stay_unique(tmp_path: Path) -> Non
     write_policy(tmp_path)
     extra = "services:\n  - name: orders\n    endpoints: [{address: 10.0.0.1, port: 80}]\n"
     (tmp_path / "zz-extra.yaml").write_text(extra)
-    errors = errors_of(tmp_path)
+    errors = policy_errors(tmp_path)
     assert errors == [
         f"{tmp_path}/zz-extra.yaml:2: duplicate service name 'orders' (first defined at "
         f"{tmp_path}/mesh.yaml:2); names must be unique"
@@ -184,7 +176,7 @@ def test_each_bad_input_is_reported_with_file_and_line(
     tmp_path: Path, before: str, after: str, needle: str, message: str
 ) -> None:
     line = write_bad_policy(tmp_path, before, after, needle, message)
-    errors = errors_of(tmp_path)
+    errors = policy_errors(tmp_path)
     assert len(errors) == 1, errors
     assert errors[0].startswith(f"{tmp_path}/mesh.yaml:{line}: "), errors
     assert message in errors[0]
@@ -210,7 +202,7 @@ def test_every_problem_is_reported_in_one_pass(tmp_path: Path) -> None:
         .replace("    role: catalog-reader", "    role: nope")
         .replace("        service: orders", "        service: ghost")
     )
-    errors = errors_of(write_policy(tmp_path, text=text))
+    errors = policy_errors(write_policy(tmp_path, text=text))
     assert len(errors) == 3
     assert any("out of range" in e for e in errors)
     assert any("role 'nope'" in e for e in errors)
@@ -219,13 +211,13 @@ def test_every_problem_is_reported_in_one_pass(tmp_path: Path) -> None:
 
 def test_yaml_syntax_error_and_duplicate_key(tmp_path: Path) -> None:
     write_policy(tmp_path, text=VALID_POLICY.replace("  - name: catalog\n", "  - name: [catalog\n"))
-    errors = errors_of(tmp_path)
+    errors = policy_errors(tmp_path)
     assert len(errors) == 1 and "YAML syntax error" in errors[0]
     assert errors[0].startswith(f"{tmp_path}/mesh.yaml:")
 
     dup = tmp_path / "dup"
     write_policy(dup, text=VALID_POLICY.replace("default: deny", "default: deny\ndefault: deny"))
-    errors = errors_of(dup)
+    errors = policy_errors(dup)
     first = line_of(VALID_POLICY, "default: deny")
     assert errors == [
         f"{dup}/mesh.yaml:{first + 1}: the policy file: duplicate key 'default' "
@@ -239,18 +231,18 @@ def test_jwks_with_private_key_or_garbage_is_rejected(tmp_path: Path) -> None:
     (tmp_path / "keys" / "jwks.json").write_text(
         '{"keys": [' + __import__("json").dumps(rsa.as_dict(private=True)) + "]}"
     )
-    assert "private key material" in errors_of(tmp_path)[0]
+    assert "private key material" in policy_errors(tmp_path)[0]
     (tmp_path / "keys" / "jwks.json").write_text("not json")
-    assert "is not valid JSON" in errors_of(tmp_path)[0]
+    assert "is not valid JSON" in policy_errors(tmp_path)[0]
     (tmp_path / "keys" / "jwks.json").write_text('{"keys": [{"kty": "RSA", "n": "x"}]}')
-    assert "not a usable JWKS" in errors_of(tmp_path)[0]
+    assert "not a usable JWKS" in policy_errors(tmp_path)[0]
 
 
 def test_missing_directory_or_empty_directory(tmp_path: Path) -> None:
-    assert "no such file or directory" in errors_of(tmp_path / "nope")[0]
+    assert "no such file or directory" in policy_errors(tmp_path / "nope")[0]
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "no policy files" in errors_of(empty)[0]
+    assert "no policy files" in policy_errors(empty)[0]
 
 
 def test_policy_build_is_deterministic() -> None:
@@ -297,7 +289,7 @@ def test_gateway_names_starting_with_meshward_are_reserved(tmp_path: Path) -> No
     text = VALID_POLICY.replace("  - name: edge", "  - name: meshward-authz")
     write_policy(tmp_path, text=text)
     line = line_of(text, "name: meshward-authz")
-    assert errors_of(tmp_path) == [
+    assert policy_errors(tmp_path) == [
         f"{tmp_path}/mesh.yaml:{line}: gateways[0].name: 'meshward-authz' is reserved: "
         "gateway names starting with 'meshward-' are meshward's own node groups; "
         "rename the gateway"
@@ -306,7 +298,7 @@ def test_gateway_names_starting_with_meshward_are_reserved(tmp_path: Path) -> No
 
 def test_sidecar_inbound_route_names_are_reserved(tmp_path: Path) -> None:
     text = VALID_POLICY.replace("      - name: catalog-api", "      - name: catalog.inbound")
-    errors = errors_of(write_policy(tmp_path, text=text))
+    errors = policy_errors(write_policy(tmp_path, text=text))
     line = line_of(text, "name: catalog.inbound")
     assert errors == [
         f"{tmp_path}/mesh.yaml:{line}: route name 'catalog.inbound' is reserved for the "
@@ -378,7 +370,7 @@ def test_api_keys_file_is_relative_to_the_policy_file(tmp_path: Path) -> None:
 )
 def test_a_value_that_is_not_a_sha256_hash_is_rejected(tmp_path: Path, bad: str) -> None:
     text = VALID_POLICY + API_KEYS.replace(ALICE_HASH, f'"{bad}"')
-    errors = errors_of(write_policy(tmp_path, text=text))
+    errors = policy_errors(write_policy(tmp_path, text=text))
     line = line_of(text, 'key_sha256: "')
     assert len(errors) == 1, errors
     assert errors[0].startswith(f"{tmp_path}/mesh.yaml:{line}: api_keys[0].key_sha256: ")
@@ -388,7 +380,7 @@ def test_a_value_that_is_not_a_sha256_hash_is_rejected(tmp_path: Path, bad: str)
 
 def test_duplicate_api_key_names_and_hashes_are_reported(tmp_path: Path) -> None:
     dup_name = API_KEYS + f"  - name: ci\n    key_sha256: {'01' * 32}\n    subject: x\n"
-    errors = errors_of(write_policy(tmp_path / "a", text=VALID_POLICY + dup_name))
+    errors = policy_errors(write_policy(tmp_path / "a", text=VALID_POLICY + dup_name))
     line = (VALID_POLICY + dup_name).count("\n", 0, (VALID_POLICY + dup_name).rindex("name: ci"))
     assert errors == [
         f"{tmp_path}/a/mesh.yaml:{line + 1}: duplicate api key name 'ci' (first defined at "
@@ -396,7 +388,7 @@ def test_duplicate_api_key_names_and_hashes_are_reported(tmp_path: Path) -> None
         "names must be unique"
     ]
     dup_hash = API_KEYS + f"  - name: other\n    key_sha256: {ALICE_HASH.upper()}\n    subject: x\n"
-    errors = errors_of(write_policy(tmp_path / "b", text=VALID_POLICY + dup_hash))
+    errors = policy_errors(write_policy(tmp_path / "b", text=VALID_POLICY + dup_hash))
     assert len(errors) == 1
     assert errors[0].startswith(
         f"{tmp_path}/b/mesh.yaml:{line_of(VALID_POLICY + dup_hash, 'name: other')}: "
@@ -407,9 +399,9 @@ def test_duplicate_api_key_names_and_hashes_are_reported(tmp_path: Path) -> None
 def test_api_keys_file_errors_name_that_file(tmp_path: Path) -> None:
     (tmp_path / "keys.yaml").write_text("- name: k\n  key_sha256: nope\n  subject: s\n")
     write_policy(tmp_path / "p", text=VALID_POLICY + "api_keys_file: ../keys.yaml\n")
-    errors = errors_of(tmp_path / "p")
+    errors = policy_errors(tmp_path / "p")
     assert len(errors) == 1 and errors[0].startswith(f"{tmp_path}/p/../keys.yaml:2: ")
     write_policy(tmp_path / "q", text=VALID_POLICY + "api_keys_file: missing.yaml\n")
-    (error,) = errors_of(tmp_path / "q")
+    (error,) = policy_errors(tmp_path / "q")
     assert error.startswith(f"{tmp_path}/q/mesh.yaml:{line_of(VALID_POLICY, 'default') + 1}: ")
     assert "api_keys_file: cannot read" in error

@@ -13,7 +13,6 @@ import pytest
 
 from meshward.pki.ca import CertificateAuthority
 from meshward.policy import wire
-from meshward.policy.errors import PolicyError
 from meshward.policy.loader import load_policy
 from meshward.policy.model import (
     Binding,
@@ -25,7 +24,7 @@ from meshward.policy.model import (
     Responses,
     Tracing,
 )
-from tests.policy_files import new_keys, write_jwks
+from tests.policy_files import line_of, new_keys, policy_errors, write_jwks
 
 FULL_POLICY = textwrap.dedent(
     """\
@@ -120,19 +119,6 @@ def write(directory: Path, text: str, ca_pem: str) -> Path:
     write_jwks(directory / "keys" / "jwks.json", *new_keys())
     (directory / "keys" / "ca.pem").write_text(ca_pem)
     return directory
-
-
-def errors_of(directory: Path) -> list[str]:
-    with pytest.raises(PolicyError) as info:
-        load_policy(directory)
-    return [str(i) for i in info.value.issues]
-
-
-def line_of(text: str, needle: str) -> int:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if needle in line:
-            return number
-    raise AssertionError(f"{needle!r} not in text")
 
 
 @pytest.fixture(scope="module")
@@ -509,7 +495,7 @@ def test_each_bad_input_is_one_error_with_file_and_line(
 ) -> None:
     text = edit(before, after)
     write(tmp_path, text, ca_pem)
-    errors = errors_of(tmp_path)
+    errors = policy_errors(tmp_path)
     assert len(errors) == 1, errors
     line = line_of(text, needle)
     assert errors[0].startswith(f"{tmp_path}/mesh.yaml:{line}: "), (errors[0], line)
@@ -521,7 +507,7 @@ def test_responses_set_twice_names_the_first(tmp_path: Path, ca_pem: str) -> Non
     write(tmp_path, FULL_POLICY, ca_pem)
     (tmp_path / "zz-more.yaml").write_text("# more\nresponses:\n  remove_authorization: false\n")
     first = line_of(FULL_POLICY, "responses:") + 1  # where its mapping starts
-    assert errors_of(tmp_path) == [
+    assert policy_errors(tmp_path) == [
         f"{tmp_path}/zz-more.yaml:3: responses: set again (first at {tmp_path}/mesh.yaml:"
         f"{first}); keep one"
     ]
@@ -537,7 +523,7 @@ def test_a_mistyped_effect_on_a_principal_less_deny_is_one_error(
     tmp_path: Path, ca_pem: str
 ) -> None:
     write(tmp_path, edit("effect: deny", "effect: dney"), ca_pem)
-    errors = errors_of(tmp_path)
+    errors = policy_errors(tmp_path)
     assert len(errors) == 1, errors
     assert "bindings[1].effect: 'dney' is not one of: allow, deny" in errors[0]
 
@@ -697,6 +683,6 @@ def test_acr_levels_that_would_break_the_challenge_are_rejected(
         edit("acr_levels: [bronze, silver, gold]", 'acr_levels: [bronze, "sil ver", gold]'),
         ca_pem,
     )
-    errors = errors_of(tmp_path)
+    errors = policy_errors(tmp_path)
     assert len(errors) == 1, errors
     assert "acr_levels: 'sil ver' may not contain spaces, quotes, backslashes" in errors[0]

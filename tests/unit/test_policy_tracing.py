@@ -12,7 +12,7 @@ from meshward.policy import wire
 from meshward.policy.errors import PolicyError
 from meshward.policy.loader import load_policy
 from meshward.policy.model import Policy, Tracing
-from tests.policy_files import VALID_POLICY, new_keys, write_policy
+from tests.policy_files import VALID_POLICY, line_of, new_keys, policy_errors, write_policy
 
 TRACING = """\
 tracing:
@@ -34,16 +34,7 @@ def load(directory: Path, text: str, keys: tuple[object, ...]) -> Policy:
 
 
 def errors_of(directory: Path, text: str, keys: tuple[object, ...]) -> list[str]:
-    with pytest.raises(PolicyError) as info:
-        load(directory, text, keys)
-    return [str(i) for i in info.value.issues]
-
-
-def line_of(text: str, needle: str) -> int:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if needle in line:
-            return number
-    raise AssertionError(f"{needle!r} not in text")
+    return policy_errors(write_policy(directory, text, keys=keys))  # type: ignore[arg-type]
 
 
 def edit(before: str, after: str) -> str:
