@@ -290,3 +290,20 @@ class Traffic:
     def all(self) -> Counter[int]:
         with self._lock:
             return Counter(s for _, s in self.results)
+
+
+def wait_log(proc: subprocess.Popen[str], msg: str, timeout: float = 20.0) -> dict[str, Any]:
+    """Read ``proc``'s JSON log lines (stderr) until one whose message starts with
+    ``msg``; fails with everything read when the process ends or time runs out."""
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        record = json.loads(line)
+        if record["msg"].startswith(msg):
+            return dict(record)
+    raise AssertionError(f"no {msg!r} line; exit={proc.poll()} stderr={''.join(seen)}")

@@ -3,18 +3,16 @@ exist is an input error naming the flag."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.envoy_harness import free_port
+from tests.process_mesh import wait_log
 
 # Linux only, like the project: without os.sched_setaffinity these tests fail.
 pytestmark = pytest.mark.integration
@@ -48,21 +46,6 @@ def _authz(*flags: str) -> subprocess.Popen[str]:
     )
 
 
-def _wait_log(proc: subprocess.Popen[str], msg: str, timeout: float = 30.0) -> dict[str, Any]:
-    assert proc.stderr is not None
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        seen.append(line)
-        record = json.loads(line)
-        if record["msg"] == msg:
-            return dict(record)
-    raise AssertionError(f"no {msg!r} line; exit={proc.poll()} stderr={''.join(seen)}")
-
-
 def _allowed(status_path: Path) -> str:
     for line in status_path.read_text().splitlines():
         if line.startswith("Cpus_allowed_list:"):
@@ -74,7 +57,7 @@ def test_cpu_pins_the_process_and_all_its_threads() -> None:
     cpu = min(os.sched_getaffinity(0))  # one this test process may use
     proc = _authz("--cpu", str(cpu))
     try:
-        started = _wait_log(proc, "authz started")
+        started = wait_log(proc, "authz started", 30.0)
         assert started["cpus"] == [cpu]
         threads = list(Path(f"/proc/{proc.pid}/task").glob("*/status"))
         assert len(threads) > 1  # gRPC, the ADS client, the status server...
@@ -88,7 +71,7 @@ def test_cpu_pins_the_process_and_all_its_threads() -> None:
 def test_unpinned_by_default() -> None:
     proc = _authz()
     try:
-        assert _wait_log(proc, "authz started")["cpus"] is None
+        assert wait_log(proc, "authz started", 30.0)["cpus"] is None
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import pytest
 
 from tests.envoy_harness import http_request
 from tests.policy_files import write_policy
+from tests.process_mesh import wait_log
 from tests.xds_harness import AdsClient
 from xds_server import resources as rs
 
@@ -47,22 +47,6 @@ def _start(policy_dir: Path, *extra: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def _wait_log(proc: subprocess.Popen[str], msg: str, timeout: float = 20.0) -> dict[str, Any]:
-    """Read JSON log lines until one whose message starts with ``msg``."""
-    assert proc.stderr is not None
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        seen.append(line)
-        record = json.loads(line)
-        if record["msg"].startswith(msg):
-            return dict(record)
-    raise AssertionError(f"no {msg!r} line; exit={proc.poll()} stderr={''.join(seen)}")
 
 
 def _stop(proc: subprocess.Popen[str]) -> int:
@@ -98,7 +82,7 @@ def test_serves_status_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) ->
     policy = write_policy(tmp_path / "policy")
     proc = _start(policy, "--authz", "127.0.0.1:9999", "--authz", "127.0.0.1:9998")
     try:
-        record = _wait_log(proc, "xds server listening")
+        record = wait_log(proc, "xds server listening")
         xds_port = int(record["listen"].rsplit(":", 1)[1])
         status_port = int(record["status"].rsplit(":", 1)[1])
         assert record["gateways"] == ["edge"]
@@ -134,14 +118,14 @@ def test_serves_status_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) ->
         good_text = mesh.read_text()
         mesh.write_text(good_text.replace("prefix: /catalog", "prefix: 42x: ["))
         os.kill(proc.pid, signal.SIGHUP)
-        line = _wait_log(proc, "policy edit rejected")
+        line = wait_log(proc, "policy edit rejected")
         assert any("mesh.yaml:" in error for error in line["errors"])
         assert _status(status_port)["version"] == version
 
         # A good edit + SIGHUP: a new version.
         mesh.write_text(good_text.replace("prefix: /catalog", "prefix: /shop"))
         os.kill(proc.pid, signal.SIGHUP)
-        line = _wait_log(proc, "policy applied")
+        line = wait_log(proc, "policy applied")
         assert line["previous"] == version
         assert _status(status_port)["version"] == line["version"] != version
     finally:
