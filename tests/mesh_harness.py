@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -104,14 +105,68 @@ def http(
         return HttpResult(err.code, {k.lower(): v for k, v in err.headers.items()}, err.read())
 
 
+class OutputLines:
+    """A process's stdout, read line by line on a thread, to wait on."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+
+    def _first(
+        self, predicate: Callable[[str], bool], timeout: float, until_exit: bool
+    ) -> int | None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for i, line in enumerate(self.lines):
+                    if predicate(line):
+                        return i
+                left = deadline - time.monotonic()
+                if left <= 0 or (until_exit and self.process.poll() is not None):
+                    return None
+                self._cond.wait(left)
+
+    def wait(self, pattern: str, timeout: float = 15.0) -> int | None:
+        """Index of the first line matching ``pattern`` (regex), waiting for it."""
+        return self._first(lambda line: re.search(pattern, line) is not None, timeout, False)
+
+    def wait_line(
+        self, predicate: Callable[[str], bool], timeout: float = 10.0, *, until_exit: bool = False
+    ) -> str | None:
+        """The first line ``predicate`` accepts, waiting for it (with ``until_exit``,
+        None as soon as the process has exited without one)."""
+        found = self._first(predicate, timeout, until_exit)
+        return None if found is None else self.lines[found]
+
+    def text(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+
 @dataclass
 class Mesh:
     """A running `meshward up` process and what its banner told us."""
 
     process: subprocess.Popen[str]
     state_dir: Path
-    lines: list[str] = field(default_factory=list)
-    _cond: threading.Condition = field(default_factory=threading.Condition)
+    output: OutputLines = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.output = OutputLines(self.process)
+
+    @property
+    def lines(self) -> list[str]:
+        """What ``meshward up`` printed so far, a line each."""
+        return self.output.lines
 
     @classmethod
     def start(
@@ -148,7 +203,6 @@ class Mesh:
             text=True,
         )
         mesh = cls(proc, state_dir)
-        threading.Thread(target=mesh._read, daemon=True).start()
         if not mesh.wait_line(lambda line: line.startswith("Decisions ("), timeout):
             out = "\n".join(mesh.lines)
             mesh.stop()
@@ -157,24 +211,10 @@ class Mesh:
             )
         return mesh
 
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-
-    def wait_line(self, predicate: Any, timeout: float = 10.0) -> str | None:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for line in self.lines:
-                    if predicate(line):
-                        return line
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.process.poll() is not None:
-                    return None
-                self._cond.wait(remaining)
+    def wait_line(self, predicate: Callable[[str], bool], timeout: float = 10.0) -> str | None:
+        """The first output line ``predicate`` accepts, waiting for it (None once
+        ``meshward up`` has exited without one)."""
+        return self.output.wait_line(predicate, timeout, until_exit=True)
 
     def banner_value(self, pattern: str) -> str:
         for line in self.lines:

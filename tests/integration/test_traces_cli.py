@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from tests import tokens
 from tests.envoy_harness import free_port
-from tests.mesh_harness import http
+from tests.mesh_harness import OutputLines, http
 from tests.policy_files import VALID_POLICY, new_keys, write_policy
 from tests.process_mesh import ROOT, wait_until
 
@@ -47,40 +46,6 @@ def meshward(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str
     )
 
 
-class Lines:
-    """A process's output, read line by line on a thread."""
-
-    def __init__(self, process: subprocess.Popen[str]) -> None:
-        self.process = process
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-
-    def wait(self, pattern: str, timeout: float = 15.0) -> int | None:
-        """Index of the first line matching ``pattern`` (regex), waiting for it."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for i, line in enumerate(self.lines):
-                    if re.search(pattern, line):
-                        return i
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self._cond.wait(left)
-
-    def text(self) -> str:
-        with self._cond:
-            return "\n".join(self.lines)
-
-
 def _stop(process: subprocess.Popen[str], sig: int = signal.SIGTERM) -> int:
     if process.poll() is None:
         process.send_signal(sig)
@@ -95,7 +60,7 @@ def _stop(process: subprocess.Popen[str], sig: int = signal.SIGTERM) -> int:
 def meshward_process(
     *args: str, env: dict[str, str] = ENV, cwd: Path | None = None
 ) -> subprocess.Popen[str]:
-    """``meshward ARGS`` as a real process, stdout and stderr merged for :class:`Lines`."""
+    """``meshward ARGS`` as a real process, stdout and stderr merged for :class:`OutputLines`."""
     return subprocess.Popen(
         [sys.executable, "-m", "meshward", *args],
         cwd=cwd,
@@ -108,12 +73,12 @@ def meshward_process(
 
 
 @contextmanager
-def receiver(spans_file: Path, port: int) -> Iterator[tuple[subprocess.Popen[str], Lines]]:
+def receiver(spans_file: Path, port: int) -> Iterator[tuple[subprocess.Popen[str], OutputLines]]:
     """`meshward otlp-receiver` as a real process, SERVING on gRPC health before use."""
     process = meshward_process(
         "otlp-receiver", "--listen", f"127.0.0.1:{port}", "--spans-file", str(spans_file)
     )
-    out = Lines(process)
+    out = OutputLines(process)
     try:
         assert wait_until(lambda: _serving(port), timeout=15), out.text()
         yield process, out
@@ -213,7 +178,7 @@ def test_follow_prints_each_new_trace_once_complete(tmp_path: Path) -> None:
         follow = meshward_process(
             "traces", "-f", "--last", "0", "--quiet-seconds", "0.3", "--spans-file", str(spans)
         )
-        out = Lines(follow)
+        out = OutputLines(follow)
         try:
             # Spans written from here on are new to it (like tail -f).
             assert out.wait(r"^meshward traces: following ", 15) is not None, out.text()
@@ -280,7 +245,7 @@ def test_meshward_up_runs_the_receiver_and_prints_span_trees(tmp_path: Path) -> 
         "--bootstrap-template", str(ROOT / "envoy" / "bootstrap.yaml"),
         cwd=tmp_path, env=dict(ENV, OTEL_BSP_SCHEDULE_DELAY="100"),
     )  # fmt: skip
-    out = Lines(process)
+    out = OutputLines(process)
     try:
         ready = out.wait(r"^Traces, one tree per request \(Ctrl-C stops everything\):", 60)
         assert ready is not None, out.text() + _logs(state)
