@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from google.rpc import status_pb2
 
 from meshward.envoy_binary import find_envoy
 
@@ -238,6 +239,22 @@ def start_envoy(
     envoy = EnvoyProcess(bootstrap, 0)
     envoy.start()
     return envoy
+
+
+class AllowAllAuthz(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """ext_authz stand-in: allows every request; records each Check's
+    ``context_extensions`` and gRPC metadata."""
+
+    def __init__(self) -> None:
+        self.contexts: list[dict[str, str]] = []
+        self.metadata: list[dict[str, str]] = []
+
+    async def Check(  # noqa: N802
+        self, request: external_auth_pb2.CheckRequest, context: Any
+    ) -> external_auth_pb2.CheckResponse:
+        self.contexts.append(dict(request.attributes.context_extensions))
+        self.metadata.append({k: str(v) for k, v in context.invocation_metadata()})
+        return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=0))
 
 
 @asynccontextmanager

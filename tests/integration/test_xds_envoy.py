@@ -19,12 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from google.rpc import status_pb2
 
 from meshward import route_context
 from meshward.policy.model import Endpoint, Gateway, Policy, Route, RouteMatch, Service
-from tests.envoy_harness import EnvoyProcess, authz_server, free_port, http_request
+from tests.envoy_harness import AllowAllAuthz, EnvoyProcess, authz_server, free_port, http_request
 from xds_server.bootstrap import render_bootstrap
 from xds_server.service import XdsService
 from xds_server.translator import EXT_AUTHZ_FILTER
@@ -67,19 +65,6 @@ class Upstream:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-class AllowAllAuthz(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    """ext_authz stand-in: allows every request and records its context_extensions."""
-
-    def __init__(self) -> None:
-        self.contexts: list[dict[str, str]] = []
-
-    async def Check(  # noqa: N802
-        self, request: external_auth_pb2.CheckRequest, context: Any
-    ) -> external_auth_pb2.CheckResponse:
-        self.contexts.append(dict(request.attributes.context_extensions))
-        return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=0))
 
 
 def make_policy(

@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from google.rpc import status_pb2
 
 from meshward.otlp_receiver import OtlpReceiver, ReceivedSpan
 from meshward.policy.model import Endpoint, Gateway, Policy, Route, RouteMatch, Service, Tracing
 from tests import tokens
 from tests.envoy_harness import (
+    AllowAllAuthz,
     EnvoyProcess,
     active_clusters,
     active_listeners,
@@ -84,19 +83,6 @@ def parse_traceparent(value: str) -> tuple[str, str, str]:
     return trace_id, span_id, flags
 
 
-class RecordingAuthz(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    """ext_authz stand-in: allows every request, records each Check's gRPC metadata."""
-
-    def __init__(self) -> None:
-        self.metadata: list[dict[str, str]] = []
-
-    async def Check(  # noqa: N802
-        self, request: external_auth_pb2.CheckRequest, context: Any
-    ) -> external_auth_pb2.CheckResponse:
-        self.metadata.append({k: str(v) for k, v in context.invocation_metadata()})
-        return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=0))
-
-
 def traced_policy(upstream_port: int, listener_port: int, tracing: Tracing | None) -> Policy:
     return Policy.build(
         services=(Service("orders", (Endpoint("127.0.0.1", upstream_port),)),),
@@ -114,7 +100,7 @@ class Stack:
     service: XdsService
     envoy: EnvoyProcess
     upstream: RecordingUpstream
-    authz: RecordingAuthz
+    authz: AllowAllAuthz
     receiver: OtlpReceiver
     listener_port: int
 
@@ -172,7 +158,7 @@ def run_stack(
             traced_policy(upstream.port, listener_port, tracing), [("127.0.0.1", authz_port)]
         )
         try:
-            async with authz_server(RecordingAuthz(), authz_port) as authz:
+            async with authz_server(AllowAllAuthz(), authz_port) as authz:
                 xds_port = await service.start()
                 bootstrap = tmp_path / "bootstrap.yaml"
                 bootstrap.write_text(
