@@ -130,6 +130,20 @@ def _decision(i: int) -> Decision:
     )
 
 
+def _request_with_parent(i: int, parent: str) -> tuple[AuthzRequest, list[tuple[str, str]]]:
+    """A request and the Check's gRPC metadata, with the trace parent where ``parent``
+    says: none, a sampled or unsampled ``traceparent`` in the metadata, or one in the
+    request's headers."""
+    metadata: list[tuple[str, str]] = []
+    headers: dict[str, str] = {"x-request-id": f"r{i}"}
+    if parent in ("sampled", "unsampled"):
+        flag = "01" if parent == "sampled" else "00"
+        metadata = [("traceparent", f"00-{'ab' * 16}-{'cd' * 8}-{flag}")]
+    elif parent == "header":
+        headers["traceparent"] = f"00-{'12' * 16}-{'34' * 8}-01"
+    return AuthzRequest.of("GET", "/orders/1", service="orders", headers=headers), metadata
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     i=st.integers(min_value=0, max_value=100),
@@ -143,14 +157,7 @@ def test_lean_span_equals_the_sdk_span(i: int, parent: str, sampler: str, error:
         "always_off": ALWAYS_OFF,
         "parent_ratio": ParentBased(TraceIdRatioBased(0.5)),
     }
-    metadata: list[tuple[str, str]] = []
-    headers: dict[str, str] = {"x-request-id": f"r{i}"}
-    if parent in ("sampled", "unsampled"):
-        flag = "01" if parent == "sampled" else "00"
-        metadata = [("traceparent", f"00-{'ab' * 16}-{'cd' * 8}-{flag}")]
-    elif parent == "header":
-        headers["traceparent"] = f"00-{'12' * 16}-{'34' * 8}-01"
-    request = AuthzRequest.of("GET", "/orders/1", service="orders", headers=headers)
+    request, metadata = _request_with_parent(i, parent)
     recorded = []
     for lean in (True, False):
         exporter = InMemorySpanExporter()
@@ -210,14 +217,7 @@ def test_spans_encoded_from_their_parts_equal_the_sdk_span_encoded(
 ) -> None:
     """The lean path with meshward's export processor encodes without a ReadableSpan;
     the request it leads to is the stock encoding of the SDK's own span."""
-    metadata: list[tuple[str, str]] = []
-    headers: dict[str, str] = {"x-request-id": f"r{i}"}
-    if parent in ("sampled", "unsampled"):
-        flag = "01" if parent == "sampled" else "00"
-        metadata = [("traceparent", f"00-{'ab' * 16}-{'cd' * 8}-{flag}")]
-    elif parent == "header":
-        headers["traceparent"] = f"00-{'12' * 16}-{'34' * 8}-01"
-    request = AuthzRequest.of("GET", "/orders/1", service="orders", headers=headers)
+    request, metadata = _request_with_parent(i, parent)
 
     direct = _KeepEncoded()
     processor = CountingBatchSpanProcessor(
