@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -170,3 +170,26 @@ class DeltaClient(AdsClient):
 
     async def nack(self, response: Any, error: str) -> None:
         await self.delta(response.type_url, nonce=response.nonce, error=error)
+
+
+def run_xds(
+    test: Callable[[Any], Awaitable[None]],
+    policy: Any,
+    authz: Any,
+    *,
+    timeout: float = 20.0,
+    **options: Any,
+) -> None:
+    """Start ``XdsService(policy, authz, **options)`` on a free port, run ``test``
+    against it (within ``timeout`` seconds), always stop it."""
+    from xds_server.service import XdsService
+
+    async def main() -> None:
+        service = XdsService(policy, authz, **options)
+        await service.start()
+        try:
+            await asyncio.wait_for(test(service), timeout)
+        finally:
+            await service.stop(grace=0.5)
+
+    asyncio.run(main())

@@ -22,7 +22,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from authz.policy_source import LISTEN_METADATA_KEY as AUTHZ_SIDE_KEY
 from meshward.policy import wire
 from meshward.policy.model import Endpoint, Gateway, Policy, Route, RouteMatch, Service
-from tests.xds_harness import AdsClient, DeltaClient, unpack
+from tests.xds_harness import AdsClient, DeltaClient, run_xds, unpack
 from xds_server import resources as rs
 from xds_server.cache import Snapshot
 from xds_server.replicas import (
@@ -57,17 +57,9 @@ def run(
     """Start an XdsService (no static authz endpoint by default, no start-up hold unless
     asked), run ``test`` against it, always stop it."""
 
-    async def main() -> None:
-        options.setdefault("authz_hold_seconds", 0)
-        options.setdefault("endpoints_coalesce_seconds", 0.01)
-        service = XdsService(_policy(), static or [], **options)
-        await service.start()
-        try:
-            await asyncio.wait_for(test(service), 20)
-        finally:
-            await service.stop(grace=0.5)
-
-    asyncio.run(main())
+    options.setdefault("authz_hold_seconds", 0)
+    options.setdefault("endpoints_coalesce_seconds", 0.01)
+    run_xds(test, _policy(), static or [], **options)
 
 
 def replica(port: int, announced: str, node_id: str) -> AdsClient:

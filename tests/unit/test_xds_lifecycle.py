@@ -11,7 +11,7 @@ from typing import Any
 from envoy.service.discovery.v3 import discovery_pb2
 
 from meshward.policy.model import Endpoint, Gateway, Policy, Route, RouteMatch, Service
-from tests.xds_harness import AdsClient, resource_name, unpack
+from tests.xds_harness import AdsClient, resource_name, run_xds, unpack
 from xds_server import resources as rs
 from xds_server.service import XdsService
 
@@ -48,15 +48,7 @@ def policy(
 
 
 def run(test: Callable[[XdsService], Awaitable[None]], initial: Policy | None = None) -> None:
-    async def main() -> None:
-        service = XdsService(initial or policy(), AUTHZ)
-        await service.start()
-        try:
-            await asyncio.wait_for(test(service), 30)
-        finally:
-            await service.stop(grace=0.5)
-
-    asyncio.run(main())
+    run_xds(test, initial or policy(), AUTHZ, timeout=30)
 
 
 def names(response: discovery_pb2.DiscoveryResponse) -> list[str]:

@@ -14,7 +14,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from meshward.policy.model import Endpoint, Gateway, Policy, Route, RouteMatch, Service
-from tests.xds_harness import AdsClient
+from tests.xds_harness import AdsClient, run_xds
 from xds_server import resources as rs
 from xds_server.cache import Snapshot
 from xds_server.server import with_nonce
@@ -43,15 +43,7 @@ CATALOG = Route("catalog-api", RouteMatch(prefix="/catalog"), "catalog")
 def run(test: Callable[[XdsService], Awaitable[None]], policy: Policy | None = None) -> None:
     """Start an XdsService on a free port, run ``test`` against it, always stop it."""
 
-    async def main() -> None:
-        service = XdsService(policy or _policy(), AUTHZ)
-        await service.start()
-        try:
-            await asyncio.wait_for(test(service), 20)
-        finally:
-            await service.stop(grace=0.5)
-
-    asyncio.run(main())
+    run_xds(test, policy or _policy(), AUTHZ)
 
 
 def _names(response: discovery_pb2.DiscoveryResponse) -> list[str]:
