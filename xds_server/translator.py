@@ -313,6 +313,16 @@ def translate(
                     f"service name {service.name!r} is reserved for authz (its SPIFFE ID "
                     "would be authz's); rename the service"
                 )
+    if policy.tracing is not None:
+        # A service the proxies get a cluster for (a gateway routes to it, or it has a
+        # sidecar) cannot take the collector cluster's name.
+        proxied = {r.service for r in policy.routes()}
+        proxied |= {s.name for s in policy.services if s.sidecar is not None}
+        if COLLECTOR_CLUSTER in proxied:
+            raise ValueError(
+                f"service name {COLLECTOR_CLUSTER!r} is reserved for the trace collector "
+                "cluster; rename the service"
+            )
     inbound = {inbound_route_name(s.name) for s in policy.services if s.sidecar is not None}
     for route in policy.routes():
         if route.name in inbound:
@@ -419,11 +429,6 @@ def _gateway_resources(
     for name in service_names:
         if name == AUTHZ_CLUSTER:
             raise ValueError(f"service name {name!r} is reserved for the authz cluster")
-        if name == COLLECTOR_CLUSTER and policy.tracing is not None:
-            raise ValueError(
-                f"service name {name!r} is reserved for the trace collector cluster; "
-                "rename the service"
-            )
         try:
             service = policy.service(name)
         except KeyError:
@@ -506,11 +511,6 @@ def _sidecar_resources(
         if assignment is not None:
             assignments.append(assignment)
     if policy.tracing is not None:
-        if service.name == COLLECTOR_CLUSTER:
-            raise ValueError(
-                f"service name {service.name!r} is reserved for the trace collector cluster; "
-                "rename the service"
-            )
         clusters.append(_collector_cluster(policy.tracing))
 
     manager = _http_connection_manager(
