@@ -42,11 +42,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 from authz.decision import Decision
 from authz.request import AuthzRequest
-from meshward.rotating_file import LinesNotWrittenError, RotatingFile
+from meshward.rotating_file import LineFollower, LinesNotWrittenError, RotatingFile
 
 LOGGER_NAME = "meshward.decision"
 #: The ``destination`` that means stdout.
@@ -393,31 +393,19 @@ class DecisionLogFollower:
         self._on_line = on_line
         self._interval = interval
         self._stop = threading.Event()
-        self._file: BinaryIO | None = None
-        self._inode = 0
-        self._partial = b""
+        self._lines = LineFollower(self.path)
         self._thread = threading.Thread(target=self._run, name="decision-follow", daemon=True)
 
     def start(self) -> None:
         with contextlib.suppress(OSError):
-            self._open(at_end=True)
+            self._lines.start(from_end=True)
         self._thread.start()
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def _open(self, *, at_end: bool) -> None:
-        handle = self.path.open("rb")
-        if at_end:
-            handle.seek(0, os.SEEK_END)
-        self._file = handle
-        self._inode = os.fstat(handle.fileno()).st_ino
-        self._partial = b""
+        self._lines.close()
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -428,29 +416,5 @@ class DecisionLogFollower:
 
     def poll(self) -> None:
         """Read what was appended since the last poll (also switching to a new file)."""
-        if self._file is not None:
-            self._drain()
-        try:
-            info = self.path.stat()
-        except FileNotFoundError:
-            return
-        if self._file is None:
-            self._open(at_end=False)
-        elif info.st_ino != self._inode:  # rotated: finish the old file, then the new one
-            self._drain()
-            self._file.close()
-            self._open(at_end=False)
-        elif info.st_size < self._file.tell():  # truncated in place
-            self._file.seek(0)
-            self._partial = b""
-        self._drain()
-
-    def _drain(self) -> None:
-        assert self._file is not None
-        data = self._file.read()
-        if not data:
-            return
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        for line in lines:
-            if line:
-                self._on_line(line.decode("utf-8", "replace"))
+        for line in self._lines.poll():
+            self._on_line(line.decode("utf-8", "replace"))

@@ -6,6 +6,11 @@ line is never split across files, and readers following the file see rotation as
 rename), creates files 0600, and never renames what is not a regular file
 (``/dev/stderr``, a FIFO). A batch the disk refuses is taken back, so the file never
 ends in half a line, and reported as :class:`LinesNotWrittenError`.
+
+:class:`LineFollower` is the reading side: the whole lines appended since the last
+poll, across such a rotation (it finishes the old file, then reads the new one from its
+start) and across truncation in place (read again from the start); a torn last line is
+held back until its newline arrives.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from pathlib import Path
+from typing import BinaryIO
 
 
 class LinesNotWrittenError(Exception):
@@ -113,3 +120,71 @@ class RotatingFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+class LineFollower:
+    """The lines appended to ``path`` since the last :meth:`poll` (module docstring).
+
+    Nothing is opened until :meth:`start`; a file that appears later is read from its
+    start. I/O errors are raised as ``OSError`` (a missing file is not one).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: BinaryIO | None = None
+        self._inode = 0
+        self._partial = b""
+
+    def start(self, *, from_end: bool = True) -> None:
+        """Open the file if it exists, at its end (``from_end``) or its start."""
+        if self.path.exists():
+            self._open(at_end=from_end)
+
+    def _open(self, *, at_end: bool) -> None:
+        handle = self.path.open("rb")
+        try:
+            if at_end:
+                handle.seek(0, os.SEEK_END)
+            self._inode = os.fstat(handle.fileno()).st_ino
+        except OSError:
+            handle.close()
+            raise
+        self._file = handle
+        self._partial = b""
+
+    @property
+    def offset(self) -> int:
+        """How far into the current file it has read (0 before the file exists)."""
+        return self._file.tell() if self._file is not None else 0
+
+    def poll(self) -> list[bytes]:
+        """The complete, non-empty lines appended since the last poll (no newlines)."""
+        out = self._drain() if self._file is not None else []
+        try:
+            info = self.path.stat()
+        except FileNotFoundError:
+            return out
+        if self._file is None:
+            self._open(at_end=False)
+        elif info.st_ino != self._inode:  # rotated: finish the old file, then the new one
+            out += self._drain()
+            self._file.close()
+            self._open(at_end=False)
+        elif info.st_size < self._file.tell():  # truncated in place
+            self._file.seek(0)
+            self._partial = b""
+        out += self._drain()
+        return out
+
+    def _drain(self) -> list[bytes]:
+        assert self._file is not None
+        data = self._file.read()
+        if not data:
+            return []
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        return [line for line in lines if line]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -22,9 +22,9 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from meshward.rotating_file import LinesNotWrittenError, RotatingFile
+from meshward.rotating_file import LineFollower, LinesNotWrittenError, RotatingFile
 
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 DEFAULT_BACKUPS = 3
@@ -201,63 +201,29 @@ class SpansFollower:
 
     It starts at the current end of the file (``from_end``) or at its start; a file that
     appears later is read from its start. On rotation it finishes the old file before
-    switching to the new one; a file truncated in place is read again from its start.
+    switching to the new one; a file truncated in place is read again from its start
+    (:class:`~meshward.rotating_file.LineFollower`).
     """
 
     def __init__(self, path: Path, *, from_end: bool = True) -> None:
         self.path = path
         self.skipped = 0
-        self._file: BinaryIO | None = None
-        self._inode = 0
-        self._partial = b""
-        if path.exists():
-            self._open(at_end=from_end)
-
-    def _open(self, *, at_end: bool) -> None:
+        self._lines = LineFollower(path)
         try:
-            handle = self.path.open("rb")
-            if at_end:
-                handle.seek(0, os.SEEK_END)
-            self._inode = os.fstat(handle.fileno()).st_ino
+            self._lines.start(from_end=from_end)
         except OSError as error:
-            raise _unreadable(self.path, error) from error
-        self._file = handle
-        self._partial = b""
+            raise _unreadable(path, error) from error
 
     @property
     def offset(self) -> int:
         """How far into the current file the follower has read (0 before it exists)."""
-        return self._file.tell() if self._file is not None else 0
+        return self._lines.offset
 
     def poll(self) -> list[ReceivedSpan]:
-        out = self._drain() if self._file is not None else []
         try:
-            info = self.path.stat()
-        except FileNotFoundError:
-            return out
-        except OSError as error:
+            lines = self._lines.poll()
+        except OSError as error:  # EISDIR surfaces on the first read
             raise _unreadable(self.path, error) from error
-        if self._file is None:
-            self._open(at_end=False)
-        elif info.st_ino != self._inode:  # rotated: finish the old file, then the new one
-            out += self._drain()
-            self._file.close()
-            self._open(at_end=False)
-        elif info.st_size < self._file.tell():  # truncated in place
-            self._file.seek(0)
-            self._partial = b""
-        out += self._drain()
-        return out
-
-    def _drain(self) -> list[ReceivedSpan]:
-        assert self._file is not None
-        try:
-            data = self._file.read()
-        except OSError as error:
-            raise _unreadable(self.path, error) from error
-        if not data:
-            return []
-        *lines, self._partial = (self._partial + data).split(b"\n")
         out = []
         for line in lines:
             span = parse_line(line)
@@ -268,6 +234,4 @@ class SpansFollower:
         return out
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._lines.close()
