@@ -38,7 +38,6 @@ DECISION_ID_HEADER = "x-meshward-decision-id"
 WORKLOAD_HEADER = "x-meshward-workload"
 
 #: google.rpc.Code values used here.
-GRPC_OK = 0
 GRPC_PERMISSION_DENIED = 7
 GRPC_UNAUTHENTICATED = 16
 

@@ -27,7 +27,6 @@ from authz.decision_log import (
     DecisionLogFollower,
     decision_record,
     encode_line,
-    encode_record,
 )
 from authz.request import AuthzRequest
 from meshward.logs import JsonFormatter
@@ -490,7 +489,8 @@ def test_the_direct_line_encoder_writes_the_same_bytes_as_the_record_encoder(
     decision: Decision, request: AuthzRequest | None, trace_id: str, ts: float
 ) -> None:
     # The writer thread formats lines with encode_line; the dict + JSON encoder path
-    # (decision_record, encode_record) is the definition it must match byte for byte.
-    assert encode_line(decision, request, trace_id, ts) == encode_record(
-        decision_record(decision, request, trace_id, ts)
+    # (decision_record, JSON-encoded) is the definition it must match byte for byte.
+    record = decision_record(decision, request, trace_id, ts)
+    assert encode_line(decision, request, trace_id, ts) == (
+        json.dumps(record, separators=(",", ":")).encode() + b"\n"
     )
