@@ -29,6 +29,12 @@ Processes (so each CPU figure is one process's own), for each serving engine
   spans and drops them; the decision log written to a file (formatted JSON lines; via the
   ``meshward.decision`` logger to a file when this ``DecisionLog`` has no file output);
   Prometheus metrics;
+* with ``--floor``, the **floor** — the baseline's engine and settings doing only what
+  the issue requires of every Check whatever its decision: read the request, make the
+  decision span (meshward's lean path, child of Envoy's ``traceparent``, exported as
+  meshward exports) and write the decision-log line, around a constant allow. No
+  identity, no RBAC, no response headers: what any authz that traces and logs every
+  decision pays on this stack, so its ratio bounds meshward's;
 * the **load generator** (``grpc.aio``, one HTTP/2 connection as Envoy keeps).
 
 With 2+ CPUs the servers are pinned to CPU 0 and the load generator and OTLP sink to
@@ -43,9 +49,14 @@ Two measurements, each target in turn, ``--rounds`` times (medians reported):
     call's *scheduled* send time, so a stalled server is not hidden by the client
     waiting for it (no coordinated omission) → p50, p99.
 
-Prints a table and the ratios (each engine's meshward against its own baseline, and
-meshward on the fast engine against both baselines and against meshward on stock); it
-asserts nothing about speed.
+Prints a table and the ratios (each engine's meshward, and floor, against its own
+baseline, and meshward on the fast engine against both baselines and against meshward
+on stock); it asserts nothing about speed. ``busy %`` is the server's CPU per second of
+the window: a closed-loop row well under 100% was limited by the load generator (one
+Python process on one core), not by the server, and the bench says so — its throughput
+is then a floor of the server's capacity and a throughput ratio against it flatters the
+other side. ``1/CPU`` is the inverse ratio of CPU per Check at the fixed load: the two
+servers' own costs compared at one load, whoever limits the closed loop.
 
 Where meshward's CPU goes (``--breakdown``): the thread CPU inside the handler
 (:meth:`authz.check.Checker.check`) during the closed-loop windows, the rest of the
@@ -689,6 +700,10 @@ def _serve(spec: ServerSpec, conn: Connection) -> None:
         logger.propagate = False
         decision_log = DecisionLog()
         log_mode = "logger"
+    if spec.target == "floor":
+        _serve_floor(spec, conn, tracer, decision_log)
+        provider.shutdown()
+        return
     meter = _HandlerMeter()
     if spec.breakdown:
         meter.install()
@@ -721,6 +736,60 @@ def _serve(spec: ServerSpec, conn: Connection) -> None:
             **breakdown,
         }
     )
+
+
+def _serve_floor(spec: ServerSpec, conn: Connection, tracer: Any, decision_log: Any) -> None:
+    """``--floor``: the work the issue requires of every Check whatever the decision —
+    read the request, one span (meshward's own lean OTLP path, child of Envoy's
+    ``traceparent``), one decision-log line — around a constant allow, on the same
+    engine and settings as the baseline. No identity, no RBAC, no response headers.
+    Its throughput against the baseline bounds what any authz that traces and logs every
+    decision can reach here."""
+    from envoy.service.auth.v3 import external_auth_pb2
+    from google.rpc import status_pb2
+
+    from authz import reasons
+    from authz.decision import Decision, new_decision_id
+    from authz.engine_fast import HealthStatuses
+    from authz.request import AuthzRequest
+    from authz.server import new_check_server, new_fast_check_server
+    from authz.tracing import DecisionSpans
+
+    ok = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=0))
+    spans = DecisionSpans(tracer)
+    decided = 0
+
+    def check(message: Any, context: Any) -> Any:
+        nonlocal decided
+        start_ns = time.time_ns()
+        request = AuthzRequest.from_check_request(message)
+        decision = Decision(True, 200, reasons.ALLOWED, new_decision_id(), route=request.route)
+        trace_id = spans.record(
+            decision,
+            request,
+            context.invocation_metadata(),
+            start_ns=start_ns,
+            end_ns=time.time_ns(),
+            internal_error=False,
+        )
+        decision_log.record(decision, request, trace_id, start_ns / 1e9)
+        decided += 1
+        return ok
+
+    if spec.engine == "fast":
+        fast = new_fast_check_server(check, HealthStatuses())
+        conn.send(fast.add_insecure_port("127.0.0.1:0"))
+        fast.start()
+        conn.recv()
+        fast.stop(1)
+    else:
+        server = new_check_server(check, spec.workers)
+        conn.send(server.add_insecure_port("127.0.0.1:0"))
+        server.start()
+        conn.recv()
+        server.stop(1).wait()
+    decision_log.close()
+    conn.send({"decisions": decided, "log_dropped": getattr(decision_log, "dropped", 0)})
 
 
 def _otlp_sink(conn: Connection, cpus: set[int] | None) -> None:
@@ -871,6 +940,11 @@ class Result:
         return 1e6 * self.cpu_seconds / self.checks if self.checks else float("nan")
 
     @property
+    def busy(self) -> float:
+        """The server's CPU seconds per second of the window (1.0: one core saturated)."""
+        return self.cpu_seconds / self.seconds if self.seconds else float("nan")
+
+    @property
     def switches_per_check(self) -> float:
         return self.switches / self.checks if self.checks else float("nan")
 
@@ -969,6 +1043,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also meter meshward's handler (Checker.check) CPU per Check while serving, "
         "and alone in the same process with no gRPC traffic (adds ~1 µs per Check)",
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure the floor: the same engine doing only what every Check needs "
+        "whatever its decision (read the request, one span, one decision-log line)",
+    )
     args = parser.parse_args(argv)
 
     pin = not args.no_pin and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2
@@ -989,7 +1069,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--engine fast: unavailable here ({reason})")
             print(f"# fast engine unavailable ({reason}): stock only")
             engines = ["stock"]
-    targets = [f"{t}/{e}" for e in engines for t in ("baseline", "meshward")]
+    kinds = ("baseline", "floor", "meshward") if args.floor else ("baseline", "meshward")
+    targets = [f"{t}/{e}" for e in engines for t in kinds]
     rng = random.Random(args.seed)
     work_dir = Path(tempfile.mkdtemp(prefix="meshward-authz-bench-"))
     try:
@@ -1025,8 +1106,10 @@ def main(argv: list[str] | None = None) -> int:
             servers[target] = Server(
                 ServerSpec(
                     kind, engine, args.workers, str(work.directory),
-                    f"http://127.0.0.1:{otlp_port}", str(work_dir / f"decisions-{engine}.log"),
-                    server_cpus, without, args.breakdown and kind == "meshward",
+                    f"http://127.0.0.1:{otlp_port}",
+                    str(work_dir / f"decisions-{kind}-{engine}.log"),
+                    server_cpus, without if kind == "meshward" else frozenset(),
+                    args.breakdown and kind == "meshward",
                 )
             )  # fmt: skip
         described = {
@@ -1075,13 +1158,14 @@ def main(argv: list[str] | None = None) -> int:
         spans = sink_conn.recv()
         sink.join(10)
         log_lines: dict[str, int] = {}
-        for engine in engines:
-            path = work_dir / f"decisions-{engine}.log"
-            log_lines[engine] = sum(1 for _ in path.open("rb")) if path.exists() else 0
+        for target in targets:
+            path = work_dir / f"decisions-{target.replace('/', '-')}.log"
+            log_lines[target] = sum(1 for _ in path.open("rb")) if path.exists() else 0
 
         print()
         print(f"{'load':<22} {'target':<15} {'checks/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
-              f"{'max ms':>7} {'CPU µs/check':>12} {'csw/check':>9} {'errors':>6}")  # fmt: skip
+              f"{'max ms':>7} {'CPU µs/check':>12} {'busy %':>6} {'csw/check':>9} "
+              f"{'errors':>6}")  # fmt: skip
         for r in results:
             label = (
                 f"closed, {args.concurrency} in flight"
@@ -1091,12 +1175,13 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{label:<22} {r.target:<15} {r.rate:>9.0f} {1e3 * r.percentile(0.5):>7.2f} "
                 f"{1e3 * r.percentile(0.99):>7.2f} {1e3 * max(r.latencies, default=0):>7.2f} "
-                f"{r.cpu_us:>12.0f} {r.switches_per_check:>9.1f} {r.errors:>6}"
+                f"{r.cpu_us:>12.0f} {100 * r.busy:>6.0f} {r.switches_per_check:>9.1f} "
+                f"{r.errors:>6}"
             )
 
         def median(mode: str, target: str, what: str) -> float:
             values = [
-                r.rate if what == "rate" else r.percentile(0.99)
+                r.rate if what == "rate" else r.cpu_us if what == "cpu" else r.percentile(0.99)
                 for r in results
                 if r.mode == mode and r.target == target
             ]
@@ -1107,11 +1192,19 @@ def main(argv: list[str] | None = None) -> int:
             meshward = infos.get(f"meshward/{engine}", {})
             print(
                 f"# meshward/{engine}: {meshward.get('decisions', 0):.0f} decisions, "
-                f"{log_lines[engine]} decision-log lines ({meshward.get('log_mode')}, "
-                f"{meshward.get('log_dropped', 0)} dropped); RSS baseline "
-                f"{rss[f'baseline/{engine}']:.0f} MB, meshward {rss[f'meshward/{engine}']:.0f} MB"
+                f"{log_lines[f'meshward/{engine}']} decision-log lines "
+                f"({meshward.get('log_mode')}, {meshward.get('log_dropped', 0)} dropped); RSS "
+                f"baseline {rss[f'baseline/{engine}']:.0f} MB, meshward "
+                f"{rss[f'meshward/{engine}']:.0f} MB"
             )
-        print(f"# {spans} spans received by the OTLP sink (all meshward servers)")
+            if args.floor:
+                floor = infos.get(f"floor/{engine}", {})
+                print(
+                    f"# floor/{engine}: {floor.get('decisions', 0):.0f} decisions, "
+                    f"{log_lines[f'floor/{engine}']} decision-log lines "
+                    f"({floor.get('log_dropped', 0)} dropped)"
+                )
+        print(f"# {spans} spans received by the OTLP sink (all meshward and floor servers)")
         for target, alone_us in alone.items():
             engine = target.split("/")[1]
             closed = [r for r in results if r.target == target and r.mode == "closed"]
@@ -1131,15 +1224,30 @@ def main(argv: list[str] | None = None) -> int:
         if lagging > 0.005:
             print(f"# note: the open-loop sender ran up to {1e3 * lagging:.1f} ms behind schedule")
 
+        for target in targets:  # a server the load generator could not saturate
+            busy = statistics.median(
+                r.busy for r in results if r.target == target and r.mode == "closed"
+            )
+            if busy < 0.9:
+                print(
+                    f"# note: {target} was {100 * busy:.0f}% busy in the closed loop: the load "
+                    f"generator, not the server, set its throughput (a floor of its capacity), "
+                    f"so a throughput ratio against it flatters the other side; '1/CPU at "
+                    f"{args.rate:g}/s' compares the servers' own cost per Check at one load"
+                )
+
         def ratios(top: str, bottom: str, note: str = "") -> None:
             throughput = median("closed", top, "rate") / median("closed", bottom, "rate")
             p99 = median("open", top, "p99") / median("open", bottom, "p99")
+            cpu = median("open", bottom, "cpu") / median("open", top, "cpu")
             print(
                 f"{top + ' / ' + bottom:<35} throughput {throughput:5.2f}   "
-                f"p99 at {args.rate:g}/s {p99:5.2f}{note}"
+                f"p99 at {args.rate:g}/s {p99:5.2f}   1/CPU at {args.rate:g}/s {cpu:5.2f}{note}"
             )
 
         for engine in engines:
+            if args.floor:
+                ratios(f"floor/{engine}", f"baseline/{engine}")
             ratios(f"meshward/{engine}", f"baseline/{engine}", "   (target >= 0.85, <= 1.25)")
         if len(engines) == 2:
             ratios("meshward/fast", "baseline/stock")
