@@ -629,36 +629,49 @@ class _HandlerMeter:
         return best
 
 
+def _decision_log_path(work_dir: Path, target: str) -> Path:
+    """Where the server of ``target`` (``kind/engine``) writes its decision log."""
+    return work_dir / f"decisions-{target.replace('/', '-')}.log"
+
+
+def _ok_response() -> Any:
+    """The do-nothing servers' answer: OK, nothing else."""
+    from envoy.service.auth.v3 import external_auth_pb2
+    from google.rpc import status_pb2
+
+    return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=0))
+
+
+def _serve_handler(spec: ServerSpec, conn: Connection, check: Any) -> None:
+    """Serve ``check`` on ``spec.engine`` as the baseline is built (the same function as
+    meshward's server on that engine, with the gRPC health service); report the port,
+    serve until told to stop."""
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    from authz.engine_fast import HealthStatuses
+    from authz.server import new_check_server, new_fast_check_server
+
+    if spec.engine == "fast":
+        fast = new_fast_check_server(check, HealthStatuses())
+        conn.send(fast.add_insecure_port("127.0.0.1:0"))
+        fast.start()
+        conn.recv()
+        fast.stop(1)
+    else:
+        server = new_check_server(check, spec.workers)
+        health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+        conn.send(server.add_insecure_port("127.0.0.1:0"))
+        server.start()
+        conn.recv()
+        server.stop(1).wait()
+
+
 def _serve(spec: ServerSpec, conn: Connection) -> None:
     """A server process: reports its port, serves until told to stop, reports counters."""
     _pin(spec.cpus)
     if spec.target == "baseline":
-        from envoy.service.auth.v3 import external_auth_pb2
-        from google.rpc import status_pb2
-        from grpc_health.v1 import health, health_pb2_grpc
-
-        from authz.engine_fast import HealthStatuses
-        from authz.server import new_check_server, new_fast_check_server
-
-        ok = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=0))
-
-        def check(request: Any, context: Any) -> Any:
-            return ok
-
-        if spec.engine == "fast":
-            fast = new_fast_check_server(check, HealthStatuses())
-            conn.send(fast.add_insecure_port("127.0.0.1:0"))
-            fast.start()
-            conn.recv()
-            fast.stop(1)
-        else:
-            server = new_check_server(check, spec.workers)
-            health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
-            port = server.add_insecure_port("127.0.0.1:0")
-            server.start()
-            conn.send(port)
-            conn.recv()
-            server.stop(1).wait()
+        ok = _ok_response()
+        _serve_handler(spec, conn, lambda request, context: ok)
         conn.send({})
         return
 
@@ -745,17 +758,12 @@ def _serve_floor(spec: ServerSpec, conn: Connection, tracer: Any, decision_log: 
     engine and settings as the baseline. No identity, no RBAC, no response headers.
     Its throughput against the baseline bounds what any authz that traces and logs every
     decision can reach here."""
-    from envoy.service.auth.v3 import external_auth_pb2
-    from google.rpc import status_pb2
-
     from authz import reasons
     from authz.decision import Decision, new_decision_id
-    from authz.engine_fast import HealthStatuses
     from authz.request import AuthzRequest
-    from authz.server import new_check_server, new_fast_check_server
     from authz.tracing import DecisionSpans
 
-    ok = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=0))
+    ok = _ok_response()
     spans = DecisionSpans(tracer)
     decided = 0
 
@@ -776,18 +784,7 @@ def _serve_floor(spec: ServerSpec, conn: Connection, tracer: Any, decision_log: 
         decided += 1
         return ok
 
-    if spec.engine == "fast":
-        fast = new_fast_check_server(check, HealthStatuses())
-        conn.send(fast.add_insecure_port("127.0.0.1:0"))
-        fast.start()
-        conn.recv()
-        fast.stop(1)
-    else:
-        server = new_check_server(check, spec.workers)
-        conn.send(server.add_insecure_port("127.0.0.1:0"))
-        server.start()
-        conn.recv()
-        server.stop(1).wait()
+    _serve_handler(spec, conn, check)
     decision_log.close()
     conn.send({"decisions": decided, "log_dropped": getattr(decision_log, "dropped", 0)})
 
@@ -1107,7 +1104,7 @@ def main(argv: list[str] | None = None) -> int:
                 ServerSpec(
                     kind, engine, args.workers, str(work.directory),
                     f"http://127.0.0.1:{otlp_port}",
-                    str(work_dir / f"decisions-{kind}-{engine}.log"),
+                    str(_decision_log_path(work_dir, target)),
                     server_cpus, without if kind == "meshward" else frozenset(),
                     args.breakdown and kind == "meshward",
                 )
@@ -1159,7 +1156,7 @@ def main(argv: list[str] | None = None) -> int:
         sink.join(10)
         log_lines: dict[str, int] = {}
         for target in targets:
-            path = work_dir / f"decisions-{target.replace('/', '-')}.log"
+            path = _decision_log_path(work_dir, target)
             log_lines[target] = sum(1 for _ in path.open("rb")) if path.exists() else 0
 
         print()
@@ -1179,13 +1176,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r.errors:>6}"
             )
 
-        def median(mode: str, target: str, what: str) -> float:
-            values = [
-                r.rate if what == "rate" else r.cpu_us if what == "cpu" else r.percentile(0.99)
-                for r in results
-                if r.mode == mode and r.target == target
-            ]
-            return statistics.median(values)
+        def median(mode: str, target: str, what: Callable[[Result], float]) -> float:
+            return statistics.median(
+                what(r) for r in results if r.mode == mode and r.target == target
+            )
 
         print()
         for engine in engines:
@@ -1225,9 +1219,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# note: the open-loop sender ran up to {1e3 * lagging:.1f} ms behind schedule")
 
         for target in targets:  # a server the load generator could not saturate
-            busy = statistics.median(
-                r.busy for r in results if r.target == target and r.mode == "closed"
-            )
+            busy = median("closed", target, lambda r: r.busy)
             if busy < 0.9:
                 print(
                     f"# note: {target} was {100 * busy:.0f}% busy in the closed loop: the load "
@@ -1237,12 +1229,16 @@ def main(argv: list[str] | None = None) -> int:
                 )
 
         def ratios(top: str, bottom: str, note: str = "") -> None:
-            throughput = median("closed", top, "rate") / median("closed", bottom, "rate")
-            p99 = median("open", top, "p99") / median("open", bottom, "p99")
-            cpu = median("open", bottom, "cpu") / median("open", top, "cpu")
+            def ratio(mode: str, what: Callable[[Result], float]) -> float:
+                return median(mode, top, what) / median(mode, bottom, what)
+
+            throughput = ratio("closed", lambda r: r.rate)
+            latency = ratio("open", lambda r: r.percentile(0.99))
+            capacity = 1 / ratio("open", lambda r: r.cpu_us)
             print(
                 f"{top + ' / ' + bottom:<35} throughput {throughput:5.2f}   "
-                f"p99 at {args.rate:g}/s {p99:5.2f}   1/CPU at {args.rate:g}/s {cpu:5.2f}{note}"
+                f"p99 at {args.rate:g}/s {latency:5.2f}   "
+                f"1/CPU at {args.rate:g}/s {capacity:5.2f}{note}"
             )
 
         for engine in engines:
